@@ -1,0 +1,185 @@
+"""Run configuration: one dataclass per script, an argparse parser built from it, YAML files.
+
+Precedence, lowest first: the dataclass defaults, `--config FILE.yaml`, command-line flags.
+Every field becomes a flag with dashes (`batch_size` -> `--batch-size`); booleans get both
+forms (`--pretrained` / `--no-pretrained`). The resolved config is written to the run folder
+as `config.yaml`, which `--config` accepts back to repeat a run.
+
+Mixed precision and the number of processes are not here: they belong to the launcher
+(`accelerate launch --mixed_precision bf16 --num_processes 2`, or an accelerate config file),
+as in every Accelerate script.
+"""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+
+def opt(default, help, **kwargs):
+    """A config field with its help text (and optional argparse `choices`)."""
+    return field(default=default, metadata=dict(help=help, **kwargs))
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: Optional[str] = opt(None, "image folder with train/ and val/ class sub-folders "
+                                  "(no val/: a stratified --val-fraction is split off train/). "
+                                  "Without --data-dir or --dataset, the tutorial's ants/bees set "
+                                  "is downloaded into data/")
+    dataset: Optional[str] = opt(None, "a Hugging Face Hub dataset name, or a local folder "
+                                 "of parquet/arrow files or a save_to_disk() folder")
+    image_column: str = opt("image", "image column of --dataset")
+    label_column: str = opt("label", "label column of --dataset (ClassLabel, strings or ints)")
+    train_split: str = opt("train", "training split of --dataset")
+    val_split: str = opt("validation", "validation split of --dataset (falls back to 'val', "
+                         "'valid', 'test'; none: split off --val-fraction of train)")
+    val_fraction: float = opt(0.2, "fraction of train held out when there is no validation set")
+    num_workers: int = opt(-1, "DataLoader worker processes per training process "
+                           "(-1: one per spare CPU core, at most 8)")
+    # model
+    model: str = opt("resnet18", "backbone: a torchvision name (resnet18, torchvision:NAME) "
+                     "or timm:NAME")
+    weights: Optional[str] = opt(None, "local pretrained weights (.safetensors, or a torch "
+                                 "file loaded weights-only) instead of the library's download")
+    pretrained: bool = opt(True, "start from pretrained weights (--no-pretrained: random init)")
+    # optimisation
+    epochs: int = opt(10, "training epochs (0: only evaluate the starting model)")
+    batch_size: int = opt(32, "images per process per step (global batch = batch-size x "
+                          "processes x gradient-accumulation-steps)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimiser step")
+    optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw"))
+    lr: float = opt(0.01, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "weight decay")
+    scheduler: str = opt("cosine", "learning-rate schedule over the epochs, applied per "
+                         "optimiser step", choices=("cosine", "step", "constant"))
+    warmup_epochs: float = opt(0.0, "linear warmup from 0, in epochs (fractions allowed)")
+    step_size: int = opt(7, "--scheduler step: epochs between decays (tutorial: 7)")
+    gamma: float = opt(0.1, "--scheduler step: decay factor (tutorial: 0.1)")
+    train_crop_scale: float = opt(0.08, "RandomResizedCrop's smallest area fraction "
+                                  "(tutorial and torchvision default: 0.08)")
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions "
+                              "with bf16 on recent CPUs and on GPUs)")
+    # run
+    seed: int = opt(42, "random seed (data order, head initialisation, augmentation)")
+    output_dir: Optional[str] = opt(None, "run folder (default: outputs/<script>-<time>)")
+    report_to: str = opt("wandb", "experiment tracker; W&B runs offline when no account is "
+                         "configured", choices=("wandb", "tensorboard", "none"))
+    project: str = opt("transfer-learning", "tracker project name")
+    run_name: Optional[str] = opt(None, "tracker run name (default: the run folder's name)")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """train_finetune.py: every layer is trained."""
+
+
+@dataclass
+class ExtractorConfig(TrainConfig):
+    """train_extractor.py: only the new head is trained, so it takes a larger step size."""
+
+    lr: float = opt(0.05, "peak learning rate (only the linear head learns)")
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(f):
+    """The concrete type of a field: `Optional[str]` -> str."""
+    t = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))  # noqa: S307
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def build_parser(cls, description):
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of options (keys as the flags, with - or _)")
+    for f in dataclasses.fields(cls):
+        t = _field_type(f)
+        kwargs = dict(dest=f.name, default=f.default, help=f.metadata["help"])
+        if t is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = t
+            kwargs["choices"] = f.metadata.get("choices")
+        parser.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def _read_yaml(parser, path, cls):
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read it ({e.strerror})")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of option: value")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            parser.error(f"--config {path}: unknown option '{key}'")
+        t = _field_type(known[name])
+        if value is not None and t is not bool and not isinstance(value, t):
+            try:
+                value = t(value)
+            except (TypeError, ValueError):
+                parser.error(f"--config {path}: '{key}' should be {t.__name__}, got {value!r}")
+        out[name] = value
+    return out
+
+
+def _validate(parser, cfg):
+    """Reject values that cannot work, at parse time, naming the flag."""
+    checks = [
+        (cfg.epochs >= 0, "--epochs must be >= 0"),
+        (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1"),
+        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+        (cfg.step_size >= 1, "--step-size must be >= 1"),
+        (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+        (0 < cfg.train_crop_scale <= 1, "--train-crop-scale must be in (0, 1]"),
+        (cfg.num_workers >= -1, "--num-workers must be >= 0 (or -1 for automatic)"),
+        (not (cfg.data_dir and cfg.dataset), "give --data-dir or --dataset, not both"),
+        (not (cfg.weights and not cfg.pretrained), "--weights and --no-pretrained contradict"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    from common.models import check_model_name  # imports timm: only once flags are sane
+
+    try:
+        check_model_name(cfg.model)
+    except ValueError as e:
+        parser.error(f"--model: {e}")
+
+
+def parse_config(cls, description, argv=None):
+    """Parse `argv` into a `cls` instance; bad values exit with a one-line argparse error."""
+    parser = build_parser(cls, description)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_read_yaml(parser, pre.config, cls))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    cfg = cls(**args)
+    _validate(parser, cfg)
+    return cfg
+
+
+def save_config(cfg, path):
+    with open(path, "w") as fh:
+        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)

@@ -1,0 +1,191 @@
+"""Images and labels through HF `datasets`, the tutorial's transforms, and DataLoaders.
+
+Sources:
+- `--data-dir DIR`: DIR/train/<class>/* and DIR/val/<class>/*, read with torchvision
+  ImageFolder's rules (sorted class folders; only files with its image extensions, so the
+  ants/bees set's stray `.gif` is not an image here: 244 train / 153 val images). The file
+  lists become a `datasets.Dataset` whose Image feature decodes lazily from disk.
+- `--dataset NAME|PATH`: a Hub dataset, a folder of parquet/arrow files, or a
+  `save_to_disk()` folder, with `--image-column` / `--label-column` and split names.
+Without a validation split, a stratified, seeded `--val-fraction` is split off train.
+
+Transforms follow the tutorial (RandomResizedCrop + horizontal flip for training; Resize +
+CenterCrop for evaluation) with input size, resize, mean/std and interpolation taken from
+the model's pretrained config (`preprocessing`), never hard-coded.
+"""
+
+import os
+
+import datasets
+import torch
+from torchvision.transforms import v2
+
+from common.download import ensure_hymenoptera
+from common.errors import UserError
+
+# torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+VAL_SPLIT_FALLBACKS = ("validation", "val", "valid", "test")
+
+
+def _scan_split(split_dir, flag):
+    """(files, labels, classes) of one split folder, ImageFolder-style."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise UserError(f"{flag}: {split_dir} has no class sub-folders (expected "
+                        f"{split_dir}/<class>/<image>)")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
+            for name in sorted(names):
+                if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
+                    files.append(os.path.join(dirpath, name))
+                    labels.append(label)
+    if not files:
+        raise UserError(f"{flag}: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
+    return files, labels, classes
+
+
+def _to_dataset(files, labels, classes):
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({"image": files, "label": labels}, features=features)
+
+
+def load_image_folder(data_dir, val_fraction, seed):
+    """(train, val, class_names) from an image folder with train/ and optionally val/."""
+    flag = f"--data-dir {data_dir}"
+    if not os.path.isdir(data_dir):
+        raise UserError(f"{flag}: no such folder")
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if not os.path.isdir(train_dir):
+        raise UserError(f"{flag}: expected a train/ folder (and val/) with one sub-folder "
+                        "per class inside")
+    files, labels, classes = _scan_split(train_dir, flag)
+    train = _to_dataset(files, labels, classes)
+    if not os.path.isdir(val_dir):
+        return (*_split_off_val(train, val_fraction, seed, f"{data_dir} has no val/ folder"),
+                classes)
+    vfiles, vlabels, vclasses = _scan_split(val_dir, flag)
+    if vclasses != classes:
+        only_t, only_v = sorted(set(classes) - set(vclasses)), sorted(set(vclasses) - set(classes))
+        raise UserError(f"{flag}: train/ and val/ have different class folders (only in train: "
+                        f"{only_t or '-'}; only in val: {only_v or '-'}); make them match")
+    return train, _to_dataset(vfiles, vlabels, classes), classes
+
+
+def _split_off_val(train, val_fraction, seed, why):
+    counts = torch.bincount(torch.tensor(train["label"]))
+    stratify = "label" if int(counts.min()) >= 2 else None
+    parts = train.train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=stratify)
+    print(f"{why}: holding out {len(parts['test'])} of {len(train)} training images "
+          f"(--val-fraction {val_fraction}, seed {seed}) for validation")
+    return parts["train"], parts["test"]
+
+
+def load_hub_dataset(cfg):
+    """(train, val, class_names) from `--dataset` with the configured columns and splits."""
+    name = cfg.dataset
+    try:
+        if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+            dd = datasets.load_from_disk(name)
+        else:
+            dd = datasets.load_dataset(name)
+    except (ConnectionError, OSError) as e:
+        raise UserError(f"--dataset {name}: could not load it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); offline, use a local "
+                        "folder: --data-dir DIR or --dataset PATH") from None
+    except ValueError as e:  # e.g. "Unknown split", unsupported files
+        raise UserError(f"--dataset {name}: {str(e).splitlines()[0]}") from None
+    if not isinstance(dd, datasets.DatasetDict):
+        dd = datasets.DatasetDict({"train": dd})
+    if cfg.train_split not in dd:
+        raise UserError(f"--dataset {name}: no split '{cfg.train_split}' (it has "
+                        f"{', '.join(dd)}); pick one with --train-split")
+    train = dd[cfg.train_split]
+    columns = train.column_names
+    for flag, col in (("--image-column", cfg.image_column), ("--label-column", cfg.label_column)):
+        if col not in columns:
+            raise UserError(f"--dataset {name}: no column '{col}' (it has {', '.join(columns)}); "
+                            f"pick one with {flag}")
+    val_name = next((s for s in (cfg.val_split, *VAL_SPLIT_FALLBACKS)
+                     if s in dd and s != cfg.train_split), None)
+    splits = {"train": train} if val_name is None else {"train": train, "val": dd[val_name]}
+    for key, ds in splits.items():
+        ds = ds.select_columns([cfg.image_column, cfg.label_column])
+        ds = ds.rename_columns({cfg.image_column: "image", cfg.label_column: "label"})
+        if not isinstance(ds.features["image"], datasets.Image):
+            ds = ds.cast_column("image", datasets.Image())
+        splits[key] = ds
+    train = splits["train"]
+    if not isinstance(train.features["label"], datasets.ClassLabel):
+        train = train.class_encode_column("label")
+    classes = train.features["label"].names
+    if "val" not in splits:
+        train, val = _split_off_val(train, cfg.val_fraction, cfg.seed,
+                                    f"--dataset {name} has no validation split")
+    else:
+        val = splits["val"]
+        if isinstance(val.features["label"], datasets.ClassLabel):
+            if val.features["label"].names != classes:
+                raise UserError(f"--dataset {name}: the train and validation splits name "
+                                "different classes")
+        else:
+            val = val.cast_column("label", datasets.ClassLabel(names=classes))
+    return train, val, classes
+
+
+def build_transforms(preprocessing, train_crop_scale=0.08):
+    """(train, eval) transforms from the model's preprocessing config."""
+    p = preprocessing
+    interp = v2.InterpolationMode(p["interpolation"])
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=p["mean"], std=p["std"])]
+    train = v2.Compose([v2.RandomResizedCrop(p["input_size"], scale=(train_crop_scale, 1.0),
+                                             interpolation=interp, antialias=True),
+                        v2.RandomHorizontalFlip(), *tail])
+    evaluation = v2.Compose([v2.Resize(p["resize"], interpolation=interp, antialias=True),
+                             v2.CenterCrop(p["input_size"]), *tail])
+    return train, evaluation
+
+
+def _with_transform(ds, transform):
+    def apply(batch):
+        # convert("RGB") covers grayscale, palette, RGBA and CMYK files alike.
+        return {"pixel_values": [transform(img.convert("RGB")) for img in batch["image"]],
+                "labels": batch["label"]}
+
+    return ds.with_transform(apply)
+
+
+def default_num_workers(num_processes):
+    """One loader worker per CPU core left over after one core per training process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, cores // max(1, num_processes) - 1))
+
+
+def build_dataloaders(train, val, preprocessing, cfg, num_processes):
+    """Train (shuffled, seeded) and eval DataLoaders, before `accelerator.prepare`."""
+    train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
+    common = dict(batch_size=cfg.batch_size, num_workers=workers,
+                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = torch.utils.data.DataLoader(_with_transform(train, train_tf), shuffle=True,
+                                               generator=generator, **common)
+    val_loader = torch.utils.data.DataLoader(_with_transform(val, eval_tf), shuffle=False,
+                                             **common)
+    return train_loader, val_loader
+
+
+def load_data(cfg, accelerator):
+    """(train, val, class_names) from --data-dir, --dataset, or the tutorial's ants/bees set
+    (downloaded into data/ by the main process first when neither flag is given)."""
+    if cfg.dataset:
+        with accelerator.main_process_first():  # one process fills the datasets cache
+            return load_hub_dataset(cfg)
+    data_dir = cfg.data_dir
+    if data_dir is None:
+        with accelerator.main_process_first():
+            data_dir = ensure_hymenoptera("data")
+    return load_image_folder(data_dir, cfg.val_fraction, cfg.seed)

@@ -1,0 +1,32 @@
+"""Classification metrics through the `evaluate` library, from modules shipped in this repo.
+
+`evaluate.load("accuracy")` downloads its script from the Hub, which fails offline with a
+misleading FileNotFoundError; `evaluate.load(<local folder>)` runs the same machinery on
+the modules in `common/evaluate_metrics/`. Metrics are computed on tensors gathered from
+every process (`gather_for_metrics`), so every rank gets the same exact numbers.
+"""
+
+import os
+
+import evaluate
+
+_MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_metrics")
+
+
+def load_metrics():
+    """The accuracy and per-class modules. Call under `accelerator.main_process_first()`:
+    evaluate copies each script into the HF modules cache under a file lock."""
+    return {name: evaluate.load(os.path.join(_MODULES, name), keep_in_memory=True)
+            for name in ("accuracy", "per_class")}
+
+
+def compute_metrics(metrics, predictions, references, class_names):
+    """accuracy, macro F1, and per-class precision/recall/F1 + confusion matrix."""
+    predictions, references = predictions.tolist(), references.tolist()
+    acc = metrics["accuracy"].compute(predictions=predictions, references=references)
+    pc = metrics["per_class"].compute(predictions=predictions, references=references,
+                                      num_classes=len(class_names))
+    per_class = {name: {"precision": pc["precision"][i], "recall": pc["recall"][i],
+                        "f1": pc["f1"][i]} for i, name in enumerate(class_names)}
+    return {"accuracy": acc["accuracy"], "macro_f1": pc["macro_f1"], "per_class": per_class,
+            "confusion_matrix": pc["confusion_matrix"]}

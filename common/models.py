@@ -1,0 +1,189 @@
+"""Backbones from torchvision (`resnet18`, `torchvision:NAME`) and timm (`timm:NAME`).
+
+`build_model` returns the network with a fresh head sized to the classes, the qualified name
+of that head (everything else is "the backbone"), and the preprocessing the pretrained
+weights expect (input size, resize, mean/std, interpolation), read from the library's own
+pretrained config so nothing is hard-coded here.
+
+Weights: the library's download/cache by default, `--weights FILE` for a local file
+(safetensors, or a torch file loaded with `weights_only=True`, which refuses pickled code),
+or none (`--no-pretrained`). The head of a weights file is dropped when its shape differs
+(an ImageNet head on a 2-class problem); any other mismatch is an error naming the layers.
+"""
+
+import difflib
+import math
+import os
+import urllib.error
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+
+
+def split_model_name(name):
+    """'resnet18' -> ('torchvision', 'resnet18'); 'timm:convnext_tiny' -> ('timm', ...)."""
+    library, _, arch = name.rpartition(":")
+    return (library or "torchvision"), arch
+
+
+def _torchvision_names():
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)  # classification only
+
+
+def check_model_name(name):
+    """Raise ValueError, with close names as suggestions, unless `name` is a known model."""
+    library, arch = split_model_name(name)
+    if library == "torchvision":
+        known = _torchvision_names()
+    elif library == "timm":
+        import timm
+
+        known = timm.list_models()
+    else:
+        raise ValueError(f"unknown library '{library}' in '{name}': use NAME, "
+                         "torchvision:NAME or timm:NAME")
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(f'{library}:{c}' for c in close)}?" if close else ""
+        raise ValueError(f"no {library} model named '{arch}'{hint}")
+
+
+def _interp_name(mode):
+    return getattr(mode, "value", mode)  # torchvision InterpolationMode -> "bilinear"
+
+
+def _preprocessing_torchvision(arch):
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    t = weights.transforms()
+    return dict(input_size=int(t.crop_size[0]), resize=int(t.resize_size[0]),
+                mean=list(t.mean), std=list(t.std), interpolation=_interp_name(t.interpolation))
+
+
+def _preprocessing_timm(model):
+    import timm.data
+
+    c = timm.data.resolve_data_config({}, model=model)
+    size = int(c["input_size"][-1])
+    return dict(input_size=size, resize=int(math.floor(size / c["crop_pct"])),
+                mean=list(c["mean"]), std=list(c["std"]), interpolation=c["interpolation"])
+
+
+def _last_linear(model):
+    """Name of the classifier of a torchvision model: its last nn.Linear."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError("--model: this torchvision model has no linear classifier to replace; "
+                        "pick another backbone")
+    return names[-1]
+
+
+def _download_failed(name, err):
+    return UserError(f"--model {name}: could not download its pretrained weights "
+                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no network?'}); "
+                     "offline, pass a local file with --weights PATH (or --no-pretrained)")
+
+
+def load_weights_file(path):
+    """A state dict from a .safetensors file or a torch file loaded weights-only."""
+    if not os.path.isfile(path):
+        raise UserError(f"--weights {path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise UserError(f"--weights {path}: not a readable safetensors file ({e})") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--weights {path}: refused, it is not a plain weights file that loads "
+                        f"with weights_only=True (it may contain code: {str(e).splitlines()[0]}); "
+                        "use a .safetensors or state-dict file") from None
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"--weights {path}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_into(model, state_dict, head_name, source):
+    """Load pretrained tensors; the old head may differ, any other mismatch is an error."""
+    own = model.state_dict()
+    in_head = lambda k: k.startswith(head_name + ".")  # noqa: E731
+    mismatched = [k for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape and not in_head(k)]
+    missing = [k for k in own if k not in state_dict and not in_head(k)
+               and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in own]
+    if mismatched or missing or unexpected:
+        parts = []
+        for label, keys in (("shape differs", mismatched), ("missing", missing),
+                            ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                             f" ({len(keys)})")
+        raise UserError(f"--weights {source}: does not fit this architecture ({'; '.join(parts)}); "
+                        "pass weights made for this --model")
+    model.load_state_dict({k: v for k, v in state_dict.items() if v.shape == own[k].shape},
+                          strict=False)
+
+
+def build_model(name, num_classes, pretrained=True, weights=None):
+    """Return (model, head_name, preprocessing) with a new `num_classes` head."""
+    library, arch = split_model_name(name)
+    if library == "timm":
+        import timm
+
+        try:
+            model = timm.create_model(arch, pretrained=pretrained and weights is None)
+        except OSError as e:  # no network / not in the Hub cache
+            raise _download_failed(name, e) from None
+        head_name = model.pretrained_cfg.get("classifier", "head")
+        if isinstance(head_name, (tuple, list)):
+            head_name = head_name[0]
+        if weights:
+            load_into(model, load_weights_file(weights), head_name, weights)
+        model.reset_classifier(num_classes)
+        preprocessing = _preprocessing_timm(model)
+    else:
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(
+                arch, weights="DEFAULT" if pretrained and weights is None else None)
+        except (urllib.error.URLError, OSError) as e:
+            raise _download_failed(name, e) from None
+        head_name = _last_linear(model)
+        if weights:
+            load_into(model, load_weights_file(weights), head_name, weights)
+        old = model.get_submodule(head_name)
+        parent, _, child = head_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                nn.Linear(old.in_features, num_classes))
+        preprocessing = _preprocessing_torchvision(arch)
+    return model, head_name, preprocessing
+
+
+def freeze_backbone(model, head_name):
+    """Only the head's parameters train. BatchNorm statistics are kept by `set_train_mode`."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(head_name + "."))
+
+
+def set_train_mode(model, head_name, frozen_backbone):
+    """model.train(), except that a frozen backbone stays in eval mode: its BatchNorm running
+    statistics are not updated and its dropout is off, so it computes exactly the pretrained
+    features."""
+    if frozen_backbone:
+        model.eval()
+        model.get_submodule(head_name).train()
+    else:
+        model.train()

@@ -1,0 +1,59 @@
+"""The Accelerator, the run folder and the seed: what every run sets up first.
+
+CPU multi-process trap (accelerate 1.15): a launcher config with `use_cpu: true` does not
+pass that on to the worker processes, so an Accelerator built without `cpu=True` on a machine
+without CUDA either fails or believes it is alone. We build it with `cpu=True` whenever CUDA
+is absent and then check that it sees as many processes as the launcher started.
+"""
+
+import dataclasses
+import os
+import time
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
+
+from common.config import save_config
+from common.errors import UserError
+from common.tracking import resolve_report_to
+
+
+def _output_dir(cfg, script, state):
+    """The run folder: --output-dir, or outputs/<script>-<time> as the main process reads the
+    clock (other ranks may read it a second later)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    chosen = [cfg.output_dir or os.path.join("outputs", f"{script}-{stamp}")]
+    if state.num_processes > 1:
+        broadcast_object_list(chosen)
+    return chosen[0]
+
+
+def setup_run(cfg, script):
+    """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)  # starts torch.distributed when launched with N processes
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if state.num_processes != world:
+        raise UserError(
+            f"the launcher started {world} processes but each sees {state.num_processes} "
+            f"({state.distributed_type}); on CPU use accelerate_configs/cpu_2proc.yaml "
+            "(distributed_type MULTI_GPU + use_cpu: true), see accelerate_configs/README.md")
+    output_dir = _output_dir(cfg, script, state)
+    log_with = resolve_report_to(cfg.report_to, state.is_main_process)
+    accelerator = Accelerator(
+        cpu=cpu,
+        project_dir=output_dir,  # TensorBoard logs and Accelerate checkpoints go here
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=log_with,
+        # we step the LR schedule per optimiser step ourselves (see common/optim.py)
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        save_config(dataclasses.replace(cfg, output_dir=output_dir),
+                    os.path.join(output_dir, "config.yaml"))
+    accelerator.wait_for_everyone()
+    # Same seed on every rank: identical head init; the data order is the sampler's own seed.
+    set_seed(cfg.seed)
+    return accelerator, output_dir
