@@ -22,12 +22,24 @@ from common.errors import UserError
 EXPORT_FORMAT = 1
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path, directory=False):
+    """mkstemp/mkdtemp create 0600/0700 entries; give the user's usual permissions."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_json(path, obj):
     """Atomically replace `path` with `obj` as indented JSON."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=2)
         fh.write("\n")
+    _usual_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -42,6 +54,7 @@ def export_model(model, out_dir, meta):
     """Write `model`'s weights and `meta` to `out_dir`, replacing any previous export whole."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    _usual_mode(tmp, directory=True)
     # contiguous(): channels-last tensors are strided views that safetensors refuses.
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
              .contiguous() for k, v in model.state_dict().items()}

@@ -166,7 +166,7 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
         steps_per_epoch=steps_per_epoch, wall_seconds=round(wall, 2),
         final_val_accuracy=val_m["accuracy"], class_names=run["class_names"],
         best_val_per_class=best["val_per_class"], best_confusion_matrix=best["confusion_matrix"])
-    set_summary(accelerator, {f"best/{k}": results[k] for k in
+    set_summary(accelerator, {k: results[k] for k in
                               ("best_val_accuracy", "best_val_loss", "best_val_macro_f1",
                                "best_epoch")})
     if accelerator.is_main_process:

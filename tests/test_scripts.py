@@ -1,0 +1,137 @@
+"""Both entry scripts, launched as users launch them, on a tiny generated image folder."""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import launch
+
+TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0"]
+RESULT_KEYS = {"best_val_accuracy", "best_epoch", "epochs", "train_samples", "val_samples",
+               "num_processes", "mixed_precision", "wall_seconds"}
+
+
+def read_results(out):
+    with open(os.path.join(out, "results.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A 'pretrained' test_resnet file whose BatchNorm statistics are far from the defaults
+    (mean 0, var 1), so any update of them during training would show."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=1000)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn_like(buf) * 0.5)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand_like(buf) + 0.5)
+    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("script", ["train_finetune.py", "train_extractor.py"])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_script_trains_and_writes_a_complete_run_folder(script, nproc, image_folder,
+                                                        tiny_weights, tmp_path, offline_env):
+    out = tmp_path / "run"
+    proc = launch(script, ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
+                           "--epochs", "2", "--output-dir", out, "--report-to", "none"],
+                  offline_env, nproc=nproc)
+    res = read_results(out)
+    assert RESULT_KEYS <= res.keys()
+    assert res["num_processes"] == nproc
+    assert res["train_samples"] == 18 and res["val_samples"] == 9
+    assert res["epochs"] == 2 and res["best_epoch"] in (1, 2)
+    assert res["mixed_precision"] == "no"
+    assert 0.0 <= res["best_val_accuracy"] <= 1.0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["val_samples"] == 9 and r["train_samples"] == 18 for r in rows)
+    assert max(r["val_accuracy"] for r in rows) == res["best_val_accuracy"]
+    meta = json.load(open(out / "best" / "model.json"))
+    assert meta["class_names"] == ["cat", "dog", "fox"]
+    assert meta["preprocessing"]["input_size"] == 160  # test_resnet's pretrained config
+    assert (out / "config.yaml").exists() and (out / "best" / "model.safetensors").exists()
+    # the tutorial's per-epoch lines
+    assert "train Loss:" in proc.stdout and "val Loss:" in proc.stdout
+
+
+def _backbone_tensors(state, head="fc."):
+    return {k: v for k, v in state.items() if not k.startswith(head)}
+
+
+def test_extractor_leaves_backbone_and_batchnorm_bit_identical(image_folder, tiny_weights,
+                                                               tmp_path, offline_env):
+    out = tmp_path / "run"
+    launch("train_extractor.py", ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
+                                  "--epochs", "2", "--lr", "0.5", "--output-dir", out,
+                                  "--report-to", "none"], offline_env)
+    start, end = load_file(tiny_weights), load_file(str(out / "best" / "model.safetensors"))
+    backbone = _backbone_tensors(end)
+    assert any(k.endswith("running_var") for k in backbone)
+    assert set(backbone) == set(_backbone_tensors(start))
+    for k, v in backbone.items():
+        assert torch.equal(v, start[k]), f"{k} changed"
+    assert end["fc.weight"].shape == (3, start["fc.weight"].shape[1])
+
+
+def test_finetune_trains_the_backbone(image_folder, tiny_weights, tmp_path, offline_env):
+    out = tmp_path / "run"
+    launch("train_finetune.py", ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
+                                 "--epochs", "1", "--output-dir", out, "--report-to", "none"],
+           offline_env)
+    start, end = load_file(tiny_weights), load_file(str(out / "best" / "model.safetensors"))
+    changed = [k for k, v in _backbone_tensors(end).items() if not torch.equal(v, start[k])]
+    assert any(k.endswith("weight") for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)  # BN in train mode here
+
+
+def _inspect(run_dir):
+    exe = os.path.join(os.path.dirname(os.sys.executable), "wandb")
+    proc = subprocess.run([exe, "leet", "inspect", "--summary", "--json", run_dir],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_wandb_offline_two_processes_make_one_run_with_config_and_summary(
+        image_folder, tmp_path, offline_env):
+    out = tmp_path / "run"
+    env = dict(offline_env)
+    del env["WANDB_MODE"]  # no account, no mode: the script must choose offline itself
+    env["NETRC"] = str(tmp_path / "no-netrc")
+    proc = launch("train_extractor.py", ["--data-dir", image_folder, *TINY, "--no-pretrained",
+                                         "--epochs", "2", "--output-dir", out,
+                                         "--run-name", "tiny-run"], env, nproc=2)
+    assert "logging offline" in proc.stderr
+    runs = glob.glob(str(out / "wandb" / "offline-run-*"))
+    assert len(runs) == 1, runs
+    info = _inspect(runs[0])
+    res = read_results(out)
+    assert info["name"] == "tiny-run"
+    assert info["config"]["num_processes"] == 2 and info["config"]["model"] == "timm:test_resnet"
+    assert info["config"]["batch_size"] == 4 and info["config"]["global_batch_size"] == 8
+    assert info["summary"]["best_val_accuracy"] == pytest.approx(res["best_val_accuracy"])
+    assert info["summary"]["best_epoch"] == res["best_epoch"]
+    assert info["summary"]["val/samples"] == 9
+    assert "train/loss_step" in info["summary"] and "train/lr" in info["summary"]
+    # 18 images / (4 x 2 processes) = 3 optimiser steps per epoch, 2 epochs
+    assert info["step"] == 6
+
+
+def test_tensorboard_tracker_writes_event_files(image_folder, tmp_path, offline_env):
+    out = tmp_path / "run"
+    launch("train_extractor.py", ["--data-dir", image_folder, *TINY, "--no-pretrained",
+                                  "--epochs", "1", "--output-dir", out,
+                                  "--report-to", "tensorboard"], offline_env)
+    assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True)
