@@ -15,7 +15,7 @@ from common.engine import fit
 from common.errors import cli
 from common.models import build_model, freeze_backbone
 from common.optim import build_optimizer
-from common.runtime import setup_run
+from common.runtime import setup_run, use_channels_last
 
 
 @cli
@@ -29,10 +29,10 @@ def main(argv=None):
     train_loader, val_loader = build_dataloaders(train_ds, val_ds, preprocessing, cfg,
                                                  accelerator.num_processes)
     optimizer = build_optimizer(cfg, model.get_submodule(head_name).parameters())
+    channels_last = use_channels_last(cfg, accelerator)
     run = dict(script="extractor", head_name=head_name, frozen_backbone=True,
                class_names=class_names, preprocessing=preprocessing,
-               channels_last=cfg.channels_last, train_samples=len(train_ds),
-               val_samples=len(val_ds))
+               channels_last=channels_last, train_samples=len(train_ds), val_samples=len(val_ds))
     return fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, output_dir)
 
 

@@ -63,8 +63,9 @@ class TrainConfig:
     gamma: float = opt(0.1, "--scheduler step: decay factor (tutorial: 0.1)")
     train_crop_scale: float = opt(0.08, "RandomResizedCrop's smallest area fraction "
                                   "(tutorial and torchvision default: 0.08)")
-    channels_last: bool = opt(False, "channels-last memory format (faster convolutions "
-                              "with bf16 on recent CPUs and on GPUs)")
+    channels_last: Optional[bool] = opt(None, "channels-last memory format; default: on "
+                                        "(faster convolutions on GPUs and fp32 CPUs), except "
+                                        "bf16 on CPUs without native bf16, where it is slower")
     # run
     seed: int = opt(42, "random seed (data order, head initialisation, augmentation)")
     output_dir: Optional[str] = opt(None, "run folder (default: outputs/<script>-<time>)")

@@ -29,6 +29,25 @@ def _output_dir(cfg, script, state):
     return chosen[0]
 
 
+def cpu_has_native_bf16():
+    """AMX or AVX512-BF16 (Linux /proc/cpuinfo): without them bf16 autocast is emulated and
+    slower than fp32 (measured on an AVX2 EPYC: EfficientNet-Lite0 1.8 vs 5.7 img/s)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_channels_last(cfg, accelerator):
+    """--channels-last / --no-channels-last, or the measured default (see config.py)."""
+    if cfg.channels_last is not None:
+        return cfg.channels_last
+    return not (accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
+                and not cpu_has_native_bf16())
+
+
 def setup_run(cfg, script):
     """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
     cpu = not torch.cuda.is_available()
@@ -49,6 +68,13 @@ def setup_run(cfg, script):
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
     )
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
+        accelerator.print("warning: bf16 on a CPU without AMX/AVX512-BF16 is emulated and "
+                          "slower than fp32; consider --mixed_precision no")
+    if on_cpu and accelerator.mixed_precision == "fp16":
+        accelerator.print("warning: Accelerate does not autocast fp16 on CPU; use bf16 "
+                          "(on CPUs with AMX) or no")
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
         save_config(dataclasses.replace(cfg, output_dir=output_dir),

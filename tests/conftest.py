@@ -84,7 +84,7 @@ def launch(script, args, env, nproc=1, timeout=600, check=True):
     return proc
 
 
-def run_script(script, args, env, timeout=300):
+def run_script(script, args, env, cwd=REPO, timeout=300):
     """`python script args` (no launcher), for argument and error checks."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,82 @@
+"""Flags, config files and the learning-rate schedule."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from common.config import ExtractorConfig, FinetuneConfig, parse_config, save_config
+from common.optim import lr_factor
+
+
+def test_yaml_config_then_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch-size: 4\nlr: 0.001\nscheduler: step\nepochs: 25\n")
+    cfg = parse_config(FinetuneConfig, "", ["--config", str(path), "--epochs", "3"])
+    assert (cfg.batch_size, cfg.lr, cfg.scheduler, cfg.epochs) == (4, 0.001, "step", 3)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_config(ExtractorConfig, "", ["--model", "timm:test_resnet", "--no-pretrained"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = parse_config(ExtractorConfig, "", ["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+    assert yaml.safe_load(open(tmp_path / "config.yaml"))["pretrained"] is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--report-to", "mlflow"], "invalid choice: 'mlflow'"),
+    (["--model", "resnet1"], "did you mean torchvision:resnet18"),
+    (["--model", "timm:convnext_tiy"], "did you mean timm:convnext_tiny"),
+    (["--model", "keras:resnet50"], "unknown library 'keras'"),
+])
+def test_bad_flags_are_rejected_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(FinetuneConfig, "", argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_key_in_config_file_is_named(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("batchsize: 4\n")
+    with pytest.raises(SystemExit):
+        parse_config(FinetuneConfig, "", ["--config", str(tmp_path / "c.yaml")])
+    assert "unknown option 'batchsize'" in capsys.readouterr().err
+
+
+def test_tutorial_step_schedule_decays_every_7_epochs():
+    cfg = FinetuneConfig(scheduler="step", lr=1e-3, epochs=25)
+    per_epoch = [lr_factor(cfg, e * 61, 61) for e in range(25)]  # batch 4: 61 steps/epoch
+    assert per_epoch[:7] == [1.0] * 7
+    assert per_epoch[7:14] == pytest.approx([0.1] * 7)
+    assert per_epoch[14:21] == pytest.approx([0.01] * 7)
+    assert lr_factor(cfg, 7 * 61 - 1, 61) == 1.0  # last step of epoch 7
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "constant"])
+def test_lr_at_an_epoch_is_the_same_on_1_and_2_processes(scheduler):
+    cfg = FinetuneConfig(scheduler=scheduler, epochs=10, warmup_epochs=1, step_size=3)
+    # 2 processes take half as many optimiser steps per epoch. (Inside the warmup the
+    # ramp is per step, so it is as fine-grained as the steps are.)
+    for epoch in (1, 2.5, 3, 6, 9.5):
+        assert lr_factor(cfg, int(epoch * 8), 8) == pytest.approx(lr_factor(cfg, int(epoch * 4), 4))
+
+
+def test_cosine_with_warmup_shape():
+    cfg = FinetuneConfig(scheduler="cosine", epochs=4, warmup_epochs=1)
+    f = [lr_factor(cfg, s, 10) for s in range(40)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[25] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+
+
+def test_help_lists_the_flags_the_checks_rely_on():
+    out = subprocess.run([sys.executable, "train_finetune.py", "--help"], capture_output=True,
+                         text=True, cwd=__import__("conftest").REPO, timeout=120).stdout
+    for flag in ("--data-dir", "--dataset", "--model", "--weights", "--no-pretrained",
+                 "--epochs", "--batch-size", "--lr", "--seed", "--output-dir", "--report-to",
+                 "--num-workers", "--gradient-accumulation-steps"):
+        assert flag in out

@@ -1,0 +1,113 @@
+"""Data loading: ImageFolder semantics through `datasets`, splits, Hub-style datasets."""
+
+import os
+
+import datasets
+import pytest
+
+from common.config import FinetuneConfig
+from common.data import build_dataloaders, load_hub_dataset, load_image_folder
+from common.errors import UserError
+from conftest import COLOURS, make_image_folder, write_image
+
+
+def test_image_folder_counts_only_imagefolder_extensions(tmp_path):
+    root = make_image_folder(tmp_path / "d", counts={"train": 4, "val": 2})
+    # what the ants/bees set and real folders contain besides images
+    write_image(str(tmp_path / "d/train/cat/imageNotFound.gif"), COLOURS["cat"], fmt="GIF")
+    (tmp_path / "d/train/dog/notes.txt").write_text("not an image")
+    (tmp_path / "d/val/fox/.DS_Store").write_bytes(b"\0\1")
+    write_image(str(tmp_path / "d/train/fox/nested/deep.png"), COLOURS["fox"])
+    train, val, classes = load_image_folder(root, 0.2, 0)
+    assert classes == ["cat", "dog", "fox"]
+    assert len(train) == 3 * 4 + 1 and len(val) == 3 * 2
+    assert train.features["label"].names == classes
+    labels = train["label"]
+    assert labels.count(2) == 5  # fox: 4 + the nested png
+    assert not any(p["path"].endswith((".gif", ".txt")) for p in train.cast_column(
+        "image", datasets.Image(decode=False))["image"])
+
+
+def test_train_and_val_with_different_classes_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "d", counts={"train": 2, "val": 1})
+    os.rename(tmp_path / "d/val/fox", tmp_path / "d/val/wolf")
+    with pytest.raises(UserError, match=r"only in train: \['fox'\].*only in val: \['wolf'\]"):
+        load_image_folder(root, 0.2, 0)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no_train", "no_classes"])
+def test_unusable_data_dir_names_the_flag(tmp_path, layout):
+    root = tmp_path / "d"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "no_classes":
+        (root / "train").mkdir()
+    with pytest.raises(UserError, match="--data-dir"):
+        load_image_folder(str(root), 0.2, 0)
+
+
+def test_no_val_folder_splits_a_seeded_stratified_fraction(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "d", counts={"train": 10}, splits=("train",))
+    train, val, classes = load_image_folder(root, 0.2, seed=3)
+    assert len(train) == 24 and len(val) == 6
+    assert sorted(val["label"]) == [0, 0, 1, 1, 2, 2]  # stratified
+    again = load_image_folder(root, 0.2, seed=3)[1]
+    assert again["label"] == val["label"]
+    assert "no val/ folder" in capsys.readouterr().out
+
+
+def _parquet_dataset(tmp_path, image_col="img", label_col="species", val=True):
+    root = make_image_folder(tmp_path / "imgs", counts={"train": 3, "val": 2})
+    out = tmp_path / "pq"
+    out.mkdir()
+    for split, name in (("train", "train"), ("val", "validation"))[: 2 if val else 1]:
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, split))
+                       for f in fs)
+        ds = datasets.Dataset.from_dict(
+            {image_col: files, label_col: [os.path.basename(os.path.dirname(f)) for f in files]})
+        ds = ds.cast_column(image_col, datasets.Image())  # embeds the bytes in parquet
+        ds.to_parquet(str(out / f"{name}-00000.parquet"))
+    return str(out)
+
+
+def test_local_dataset_with_custom_columns_and_string_labels(tmp_path):
+    path = _parquet_dataset(tmp_path)
+    cfg = FinetuneConfig(dataset=path, image_column="img", label_column="species")
+    train, val, classes = load_hub_dataset(cfg)
+    assert classes == ["cat", "dog", "fox"]
+    assert len(train) == 9 and len(val) == 6
+    assert val.features["label"].names == classes
+    img = train[0]["image"]
+    assert img.size == (48, 40)
+
+
+def test_dataset_without_the_columns_lists_what_it_has(tmp_path):
+    path = _parquet_dataset(tmp_path)
+    cfg = FinetuneConfig(dataset=path)  # defaults: image / label
+    with pytest.raises(UserError, match=r"no column 'image' \(it has img, species\).*--image-column"):
+        load_hub_dataset(cfg)
+
+
+def test_dataset_without_validation_split_holds_out_a_fraction(tmp_path, capsys):
+    path = _parquet_dataset(tmp_path, val=False)
+    cfg = FinetuneConfig(dataset=path, image_column="img", label_column="species",
+                         val_fraction=1 / 3)
+    train, val, classes = load_hub_dataset(cfg)
+    assert len(train) == 6 and len(val) == 3
+    assert "no validation split" in capsys.readouterr().out
+
+
+def test_loaders_apply_the_models_preprocessing(tmp_path):
+    root = make_image_folder(tmp_path / "d", counts={"train": 2, "val": 1})
+    train, val, classes = load_image_folder(root, 0.2, 0)
+    pre = dict(input_size=64, resize=72, mean=[0.5] * 3, std=[0.25] * 3,
+               interpolation="bilinear")
+    cfg = FinetuneConfig(batch_size=4, num_workers=0)
+    train_loader, val_loader = build_dataloaders(train, val, pre, cfg, num_processes=1)
+    batch = next(iter(val_loader))
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert batch["labels"].tolist() == [0, 1, 2]
+    # (x - 0.5) / 0.25 of a red image: the red channel is clearly positive, green negative
+    means = batch["pixel_values"][0].mean(dim=(1, 2))
+    assert means[0] > 0.5 and means[1] < -0.5
+    assert next(iter(train_loader))["pixel_values"].shape == (4, 3, 64, 64)
