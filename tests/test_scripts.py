@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import launch
+from conftest import launch, make_image_folder
 
 TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0"]
 RESULT_KEYS = {"best_val_accuracy", "best_epoch", "epochs", "train_samples", "val_samples",
@@ -135,3 +135,53 @@ def test_tensorboard_tracker_writes_event_files(image_folder, tmp_path, offline_
                                   "--epochs", "1", "--output-dir", out,
                                   "--report-to", "tensorboard"], offline_env)
     assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_epochs_0_gives_identical_metrics_on_1_and_2_processes(tmp_path, offline_env):
+    # 3 classes x 5 = 15 val images: odd, and not a multiple of batch x processes
+    root = make_image_folder(tmp_path / "d", counts={"train": 2, "val": 5})
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        launch("train_finetune.py", ["--data-dir", root, *TINY, "--no-pretrained", "--epochs",
+                                     "0", "--output-dir", out, "--report-to", "none"],
+               offline_env, nproc=nproc)
+        results.append(read_results(out))
+    one, two = results
+    assert one["val_samples"] == two["val_samples"] == 15
+    assert one["best_val_accuracy"] == two["best_val_accuracy"]
+    assert one["best_val_loss"] == pytest.approx(two["best_val_loss"], rel=1e-5)
+    assert one["best_confusion_matrix"] == two["best_confusion_matrix"]
+    assert one["best_epoch"] == 0 and one["epochs"] == 0
+
+
+def test_exported_model_loads_alone_and_reproduces_val_accuracy(image_folder, tmp_path,
+                                                                 offline_env):
+    from common.checkpoint import load_exported
+    from common.data import build_transforms, load_image_folder
+
+    out = tmp_path / "run"
+    launch("train_finetune.py", ["--data-dir", image_folder, *TINY, "--no-pretrained",
+                                 "--epochs", "2", "--output-dir", out, "--report-to", "none"],
+           offline_env)
+    model, meta = load_exported(str(out))  # a run folder means its best/ model
+    _, val, classes = load_image_folder(image_folder, 0.2, 0)
+    assert meta["class_names"] == classes
+    _, eval_tf = build_transforms(meta["preprocessing"])
+    x = torch.stack([eval_tf(row["image"].convert("RGB")) for row in val])
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    acc = (pred == torch.tensor(val["label"])).float().mean().item()
+    assert acc == pytest.approx(read_results(out)["best_val_accuracy"])
+
+
+def test_gradient_accumulation_counts_optimiser_steps(image_folder, tmp_path, offline_env):
+    out = tmp_path / "run"
+    proc = launch("train_finetune.py", ["--data-dir", image_folder, *TINY, "--no-pretrained",
+                                        "--epochs", "1", "--gradient-accumulation-steps", "2",
+                                        "--output-dir", out, "--report-to", "none"],
+                  offline_env)
+    res = read_results(out)
+    # 18 images / batch 4 = 5 micro-batches -> 3 optimiser steps (the last one partial)
+    assert res["steps_per_epoch"] == 3 and res["global_batch_size"] == 8
+    assert "global batch 8, 3 optimiser steps/epoch" in proc.stdout
