@@ -9,6 +9,7 @@ Every write goes to a temporary name in the same folder and is renamed into plac
 crash never leaves a half-written file or a half-replaced model behind.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +85,134 @@ def load_exported(path, device="cpu"):
     model, _, _ = build_model(meta["model"], len(meta["class_names"]), pretrained=False)
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     return model.to(device).eval(), meta
+
+
+# --- full training state (resume) -------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+
+
+class TrainState:
+    """What a checkpoint carries besides model, optimiser, scheduler and RNG states:
+    progress counters, the best result so far, the current epoch's partial train metrics and
+    the tracker run id. Registered with `accelerator.register_for_checkpointing`."""
+
+    def __init__(self):
+        self.epoch = 0            # epoch in progress (0-based) = epochs completed
+        self.batches_done = 0     # batches of that epoch already trained on (per process)
+        self.step = 0             # optimiser steps so far
+        self.best = None          # dict of the best epoch's val metrics
+        self.partial = None       # gathered (losses, preds, labels) of the current epoch
+        self.tracker_run_id = None
+        self.wall_seconds = 0.0   # time spent in earlier (interrupted) sessions
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(ckpt):
+    files = sorted(os.path.relpath(os.path.join(d, f), ckpt)
+                   for d, _, fs in os.walk(ckpt) for f in fs)
+    write_json(os.path.join(ckpt, MANIFEST),
+               {"written_by": "transfer-learning", "files": {f: _sha256(os.path.join(ckpt, f))
+                                                           for f in files}})
+
+
+def verify_checkpoint(ckpt):
+    """Refuse anything this tool did not write, or that changed since: Accelerate's state
+    files are pickles (RNG states, sampler), which must never come from elsewhere."""
+    manifest = os.path.join(ckpt, MANIFEST)
+    try:
+        with open(manifest) as fh:
+            files = json.load(fh)["files"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"--resume-from-checkpoint {ckpt}: not a checkpoint written by these "
+                        f"scripts (no valid {MANIFEST}); refusing to load its pickled state") from None
+    for rel, digest in files.items():
+        path = os.path.join(ckpt, rel)
+        if not os.path.isfile(path) or _sha256(path) != digest:
+            raise UserError(f"--resume-from-checkpoint {ckpt}: {rel} is missing or changed "
+                            "since it was written; pick another checkpoint")
+
+
+def _complete_checkpoints(root):
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root)
+                  if d.startswith("step-") and os.path.isfile(os.path.join(root, d, MANIFEST)))
+
+
+def resolve_checkpoint(arg, output_dir):
+    """The checkpoint folder for `--resume-from-checkpoint latest|PATH`, verified."""
+    if arg != "latest":
+        path = arg
+    else:
+        root = os.path.join(output_dir, CHECKPOINTS)
+        name = None
+        if os.path.isfile(os.path.join(root, "latest")):
+            with open(os.path.join(root, "latest")) as fh:
+                name = fh.read().strip()
+        if not name or not os.path.isfile(os.path.join(root, name, MANIFEST)):
+            done = _complete_checkpoints(root)  # the pointer is written last: fall back
+            name = done[-1] if done else None
+        if name is None:
+            raise UserError(f"--resume-from-checkpoint latest: no checkpoint in {root}; "
+                            "start the run without it")
+        path = os.path.join(root, name)
+    if not os.path.isdir(path):
+        raise UserError(f"--resume-from-checkpoint {path}: no such folder")
+    verify_checkpoint(path)
+    return path
+
+
+def read_train_state(ckpt):
+    """TrainState fields of a verified checkpoint, before `accelerator.load_state`."""
+    state = TrainState()
+    state.load_state_dict(torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"),
+                                     weights_only=True))
+    return state
+
+
+def save_checkpoint(accelerator, output_dir, state, total_limit):
+    """All ranks: `accelerator.save_state` into a temporary folder, then (main) a manifest,
+    an atomic rename to checkpoints/step-N, the `latest` pointer, and pruning to the last
+    `total_limit`. A kill at any point leaves `latest` naming a complete checkpoint."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    name = f"step-{state.step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    if os.path.isdir(final):  # same point already saved (epoch end after a step checkpoint)
+        return final
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_manifest(tmp)
+        os.replace(tmp, final)
+        fd, ptr = tempfile.mkstemp(prefix=".tmp-", dir=root)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(name + "\n")
+        _usual_mode(ptr)
+        os.replace(ptr, os.path.join(root, "latest"))
+        for stale in os.listdir(root):  # leftovers of saves that were killed
+            if stale.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+        done = _complete_checkpoints(root)
+        for old in done[:-total_limit] if total_limit else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -66,6 +66,12 @@ class TrainConfig:
     channels_last: Optional[bool] = opt(None, "channels-last memory format; default: on "
                                         "(faster convolutions on GPUs and fp32 CPUs), except "
                                         "bf16 on CPUs without native bf16, where it is slower")
+    # checkpoints
+    checkpointing_steps: str = opt("epoch", "save the full training state every N optimiser "
+                                   "steps, at the end of every 'epoch', or 'no'")
+    checkpoints_total_limit: int = opt(2, "keep the last K checkpoints (0: keep all)")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' (of this --output-dir) or a "
+                                                "checkpoint folder: continue that run exactly")
     # run
     seed: int = opt(42, "random seed (data order, head initialisation, augmentation)")
     output_dir: Optional[str] = opt(None, "run folder (default: outputs/<script>-<time>)")
@@ -156,6 +162,12 @@ def _validate(parser, cfg):
         (cfg.num_workers >= -1, "--num-workers must be >= 0 (or -1 for automatic)"),
         (not (cfg.data_dir and cfg.dataset), "give --data-dir or --dataset, not both"),
         (not (cfg.weights and not cfg.pretrained), "--weights and --no-pretrained contradict"),
+        (cfg.checkpointing_steps in ("epoch", "no") or (cfg.checkpointing_steps.isdigit()
+                                                       and int(cfg.checkpointing_steps) > 0),
+         "--checkpointing-steps must be a positive number of steps, 'epoch' or 'no'"),
+        (cfg.checkpoints_total_limit >= 0, "--checkpoints-total-limit must be >= 0"),
+        (not (cfg.resume_from_checkpoint == "latest" and not cfg.output_dir),
+         "--resume-from-checkpoint latest needs the --output-dir of the run to resume"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,9 +14,12 @@ CenterCrop for evaluation) with input size, resize, mean/std and interpolation t
 the model's pretrained config (`preprocessing`), never hard-coded.
 """
 
+import multiprocessing as mp
 import os
+import signal
 
 import datasets
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -149,13 +152,48 @@ def build_transforms(preprocessing, train_crop_scale=0.08):
     return train, evaluation
 
 
-def _with_transform(ds, transform):
-    def apply(batch):
-        # convert("RGB") covers grayscale, palette, RGBA and CMYK files alike.
-        return {"pixel_values": [transform(img.convert("RGB")) for img in batch["image"]],
-                "labels": batch["label"]}
+class ImageDataset(torch.utils.data.Dataset):
+    """A split for the DataLoader: decode -> RGB -> transform, as {"pixel_values", "labels"}.
 
-    return ds.with_transform(apply)
+    With `seed` set (training), sample i of epoch e is augmented under its own RNG seed
+    (seed, e, i), in a forked RNG so the global RNG is untouched. Augmentation is then a pure
+    function of the data, not of the worker count, the process count, or where a resumed run
+    picked up: what makes `--resume-from-checkpoint` land on exactly the same result.
+    `epoch` is shared memory, so loader workers see the epoch the main process sets.
+    """
+
+    def __init__(self, split, transform, seed=None):
+        self.split, self.transform, self.seed = split, transform, seed
+        self.epoch = mp.Value("i", 0, lock=False)
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        row = self.split[i]  # the Image feature decodes the file here (EXIF-rotated)
+        img = row["image"].convert("RGB")  # grayscale, palette, RGBA and CMYK alike
+        if self.seed is None:
+            x = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence(
+                    [self.seed, self.epoch.value, i]).generate_state(1)[0]))
+                x = self.transform(img)
+        return {"pixel_values": x, "labels": row["label"]}
+
+
+def set_epoch(loader, epoch):
+    """Start epoch `epoch` of a prepared training loader: the sampler's shuffle (seed + epoch,
+    identical on every rank) and the augmentation seeds."""
+    loader.set_epoch(epoch)
+    loader.dataset.epoch.value = epoch
+
+
+def _worker_ignores_stop_signals(worker_id):
+    """Clusters (and Ctrl-C) signal the whole process group: loader workers ignore SIGTERM/
+    SIGINT so the training process can save a checkpoint before they are shut down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_num_workers(num_processes):
@@ -165,16 +203,18 @@ def default_num_workers(num_processes):
 
 
 def build_dataloaders(train, val, preprocessing, cfg, num_processes):
-    """Train (shuffled, seeded) and eval DataLoaders, before `accelerator.prepare`."""
+    """Train (shuffled) and eval DataLoaders, before `accelerator.prepare`. The shuffle order
+    comes from Accelerate's seedable sampler (see runtime.py), seeded with --seed + epoch."""
     train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
     workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
-                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(_with_transform(train, train_tf), shuffle=True,
-                                               generator=generator, **common)
-    val_loader = torch.utils.data.DataLoader(_with_transform(val, eval_tf), shuffle=False,
-                                             **common)
+                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                  worker_init_fn=_worker_ignores_stop_signals,
+                  # a private generator: creating an iterator never draws from the global RNG
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    train_loader = torch.utils.data.DataLoader(ImageDataset(train, train_tf, seed=cfg.seed),
+                                               shuffle=True, **common)
+    val_loader = torch.utils.data.DataLoader(ImageDataset(val, eval_tf), shuffle=False, **common)
     return train_loader, val_loader
 
 

@@ -8,87 +8,118 @@ last batch across processes, so N images are counted exactly N times) -> metrics
 (common/metrics.py) -> tracker + metrics.jsonl.
 
 Global batch = batch-size x processes x gradient-accumulation-steps.
+
+Resume: full-state checkpoints (common/checkpoint.py) are taken only right after an
+optimiser step, so no half-accumulated gradient is ever lost. A resumed run restores model,
+optimiser, schedule, RNG states and counters, re-seeds the sampler for the epoch in progress
+and skips the batches already done; with augmentation seeded per sample (common/data.py) it
+then computes exactly what the uninterrupted run would have.
 """
 
 import math
 import os
+import signal
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.checkpoint import (TrainState, append_jsonl, export_model, read_train_state,
+                               resolve_checkpoint, save_checkpoint, write_json)
+from common.data import set_epoch
 from common.errors import UserError
-from common.checkpoint import append_jsonl, export_model, write_json
 from common.metrics import compute_metrics, load_metrics
 from common.models import set_train_mode
 from common.optim import build_scheduler
-from common.tracking import set_summary, start_run
+from common.tracking import set_summary, start_run, tracker_run_id
 
 
-def _to_device(batch, accelerator, channels_last):
-    x = batch["pixel_values"]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["labels"]
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checks it (agreed across ranks) after each
+    optimiser step, saves a checkpoint and exits. Clusters send SIGTERM before SIGKILL."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
 
 
-def train_one_epoch(accelerator, model, loader, optimizer, scheduler, epoch, step, run):
-    """One pass over `loader`. Returns (metrics dict, global optimiser step count)."""
+def _cat(parts):
+    return [torch.cat(p) if p else torch.empty(0) for p in zip(*parts)] if parts else []
+
+
+def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run, on_step):
+    """Train on `loader` (the rest of epoch `state.epoch`). After every optimiser step,
+    `on_step()` may checkpoint or stop. Returns the epoch's train metrics."""
     module = accelerator.unwrap_model(model)
     model.train()
     set_train_mode(module, run["head_name"], run["frozen_backbone"])
-    losses, preds, labels = [], [], []
-    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False,
+    parts = [tuple(state.partial)] if state.partial else []  # resumed mid-epoch
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1} train", leave=False,
+               initial=state.batches_done, total=state.batches_done + len(loader),
                disable=not accelerator.is_local_main_process)
     for batch in bar:
-        x, y = _to_device(batch, accelerator, run["channels_last"])
+        x, y = _inputs(batch, run)
         with accelerator.accumulate(model):
             logits = model(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none")
             loss = per_sample.mean()
-            # Mean over processes: the global batch's loss for the log, and a NaN on any
-            # rank reaches every rank, so all stop together instead of one hanging.
-            global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            # Summed over processes: the global batch's loss for the log, a NaN on any rank
+            # reaches every rank, and so does a stop request, so all ranks act together.
+            total = accelerator.reduce(torch.stack([loss.detach(),
+                                                    torch.tensor(float(run["stop"].signum),
+                                                                 device=loss.device)]), "sum")
+            global_loss = total[0].item() / accelerator.num_processes
             if not math.isfinite(global_loss):
-                raise UserError(f"training loss became {global_loss} at epoch {epoch + 1}, "
-                                f"step {step}; lower --lr (or train in fp32/bf16 instead of fp16)")
+                raise UserError(f"training loss became {global_loss} at epoch "
+                                f"{state.epoch + 1}, step {state.step}; lower --lr (or train "
+                                "in fp32/bf16 instead of fp16)")
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        g = accelerator.gather_for_metrics((per_sample.detach(), logits.argmax(-1), y))
+        parts.append(tuple(t.cpu() for t in g))
+        state.batches_done += 1
         if accelerator.sync_gradients:
             lr = optimizer.param_groups[0]["lr"]  # the lr this step used
             scheduler.step()
-            step += 1
-            accelerator.log({"train/loss_step": global_loss, "train/lr": lr, "epoch": epoch},
-                            step=step)
+            state.step += 1
+            accelerator.log({"train/loss_step": global_loss, "train/lr": lr,
+                             "epoch": state.epoch}, step=state.step)
             bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
-        g_loss, g_pred, g_y = accelerator.gather_for_metrics(
-            (per_sample.detach(), logits.argmax(-1), y))
-        losses.append(g_loss.cpu())
-        preds.append(g_pred.cpu())
-        labels.append(g_y.cpu())
-    losses, preds, labels = torch.cat(losses), torch.cat(preds), torch.cat(labels)
+            state.partial = _cat(parts)
+            on_step(stop=total[1].item() > 0)
+    losses, preds, labels = _cat(parts)
+    state.partial = None
     return {"loss": losses.mean().item(), "accuracy": (preds == labels).float().mean().item(),
-            "samples": len(labels)}, step
+            "samples": len(labels)}
+
+
+def _inputs(batch, run):
+    x = batch["pixel_values"]
+    if run["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["labels"]
 
 
 @torch.no_grad()
 def evaluate(accelerator, model, loader, run, metrics):
     """Exact loss/accuracy/per-class metrics over the whole eval set, on every rank."""
     model.eval()
-    losses, preds, labels = [], [], []
+    parts = []
     for batch in tqdm(loader, desc="val", leave=False,
                       disable=not accelerator.is_local_main_process):
-        x, y = _to_device(batch, accelerator, run["channels_last"])
+        x, y = _inputs(batch, run)
         with accelerator.autocast():
             logits = model(x)
         per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-        g_loss, g_pred, g_y = accelerator.gather_for_metrics((per_sample, logits.argmax(-1), y))
-        losses.append(g_loss.cpu())
-        preds.append(g_pred.cpu())
-        labels.append(g_y.cpu())
-    losses, preds, labels = torch.cat(losses), torch.cat(preds), torch.cat(labels)
+        g = accelerator.gather_for_metrics((per_sample, logits.argmax(-1), y))
+        parts.append(tuple(t.cpu() for t in g))
+    losses, preds, labels = _cat(parts)
     out = compute_metrics(metrics, preds, labels, run["class_names"])
     out.update(loss=losses.mean().item(), samples=len(labels))
     return out
@@ -98,22 +129,41 @@ def _epoch_line(phase, m):
     return f"{phase} Loss: {m['loss']:.4f} Acc: {m['accuracy']:.4f}"
 
 
-def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, output_dir):
-    """Train for cfg.epochs, evaluating after each epoch (and the start model when
-    --epochs 0); export the best model by val accuracy; write metrics.jsonl/results.json.
+def _resume(accelerator, cfg, output_dir, state):
+    """Load the checkpoint named by --resume-from-checkpoint into everything registered."""
+    path = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    state.load_state_dict(read_train_state(path).state_dict())  # run id before the tracker
+    accelerator.load_state(path)  # model, optimiser, scheduler, RNG, sampler, `state`
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    if accelerator.is_main_process and os.path.exists(metrics_path):
+        # rows the interrupted run wrote after this checkpoint will be computed again
+        with open(metrics_path) as fh:
+            keep = [line for line in fh if line.strip()][:state.epoch]
+        with open(metrics_path, "w") as fh:
+            fh.writelines(keep)
+    accelerator.print(f"Resuming from {path}: epoch {state.epoch + 1}, batch "
+                      f"{state.batches_done}, optimiser step {state.step}")
 
-    `run` holds what the files and tracker need: script, head_name, frozen_backbone,
-    class_names, preprocessing, channels_last, train_samples, val_samples.
+
+def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, output_dir):
+    """Train for cfg.epochs, evaluating after each epoch (only the start model with
+    --epochs 0); export the best model by val accuracy; checkpoint; write metrics.jsonl and
+    results.json. `run` holds what the files and tracker need: script, head_name,
+    frozen_backbone, class_names, preprocessing, channels_last, train_samples, val_samples.
     """
     t0 = time.time()
     if run["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    # The model must be prepared before the optimiser steps: prepare moves it to the device
-    # and wraps it in DDP; the optimiser keeps pointing at the same parameters.
+    # prepare moves the model to the device and wraps it in DDP; the optimiser is rewrapped
+    # so that it skips steps while gradients accumulate.
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, scheduler)
+    if cfg.resume_from_checkpoint:
+        _resume(accelerator, cfg, output_dir, state)
     with accelerator.main_process_first():
         metrics = load_metrics()
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
@@ -125,50 +175,85 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=run["train_samples"],
                   val_samples=run["val_samples"], num_classes=len(run["class_names"]))
-    start_run(accelerator, cfg, {k: ("" if v is None else v) for k, v in config.items()},
-              output_dir, run["script"])
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    best = None
-    step = 0
-    for epoch in range(max(cfg.epochs, 1)):
+    start_run(accelerator, cfg, config, output_dir, run["script"], state.tracker_run_id)
+    state.tracker_run_id = tracker_run_id(accelerator) or state.tracker_run_id
+    run["stop"] = StopSignal()
+
+    earlier_seconds = state.wall_seconds  # of the sessions before a resume
+
+    def checkpoint(reason=""):
+        if cfg.checkpointing_steps == "no" and not reason:
+            return None
+        state.wall_seconds = earlier_seconds + time.time() - t0
+        return save_checkpoint(accelerator, output_dir, state, cfg.checkpoints_total_limit)
+
+    def on_step(stop):
+        every = cfg.checkpointing_steps
+        if stop:
+            path = checkpoint("stop")
+            name = signal.Signals(run["stop"].signum).name if run["stop"].signum else "a signal"
+            accelerator.print(f"Stopped by {name}: saved {path}; continue with "
+                              f"--resume-from-checkpoint latest --output-dir {output_dir}")
+            accelerator.end_training()
+            raise SystemExit(128 + (run["stop"].signum or signal.SIGTERM))
+        if every.isdigit() and state.step % int(every) == 0:
+            checkpoint()
+
+    val_m = None
+    while state.epoch < max(cfg.epochs, 1):
         epoch_t0 = time.time()
-        row = {"epoch": epoch + 1 if cfg.epochs else 0}
+        row = {"epoch": state.epoch + 1 if cfg.epochs else 0}
         if cfg.epochs:
-            train_m, step = train_one_epoch(accelerator, model, train_loader, optimizer,
-                                            scheduler, epoch, step, run)
+            set_epoch(train_loader, state.epoch)
+            loader = (accelerator.skip_first_batches(train_loader, state.batches_done)
+                      if state.batches_done else train_loader)
+            train_m = train_one_epoch(accelerator, model, loader, optimizer, scheduler, state,
+                                      run, on_step)
             row.update({f"train_{k}": v for k, v in train_m.items()})
-            accelerator.print(f"Epoch {epoch + 1}/{cfg.epochs}\n{_epoch_line('train', train_m)}")
+            accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}\n"
+                              f"{_epoch_line('train', train_m)}")
         val_m = evaluate(accelerator, model, val_loader, run, metrics)
         accelerator.print(_epoch_line("val", val_m))
         row.update({f"val_{k}": v for k, v in val_m.items() if k != "confusion_matrix"},
                    lr=optimizer.param_groups[0]["lr"], seconds=time.time() - epoch_t0)
         accelerator.log({k.replace("_", "/", 1): v for k, v in row.items()
-                         if isinstance(v, (int, float))}, step=step)
-        if best is None or val_m["accuracy"] > best["val_accuracy"]:
-            best = {"epoch": row["epoch"], "val_accuracy": val_m["accuracy"],
-                    "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
-                    "val_per_class": val_m["per_class"],
-                    "confusion_matrix": val_m["confusion_matrix"]}
+                         if isinstance(v, (int, float))}, step=state.step)
+        if state.best is None or val_m["accuracy"] > state.best["val_accuracy"]:
+            state.best = {"epoch": row["epoch"], "val_accuracy": val_m["accuracy"],
+                          "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
+                          "val_per_class": val_m["per_class"],
+                          "confusion_matrix": val_m["confusion_matrix"]}
             if accelerator.is_main_process:
                 export_model(accelerator.unwrap_model(model), os.path.join(output_dir, "best"),
                              dict(model=cfg.model, class_names=run["class_names"],
                                   head=run["head_name"], preprocessing=run["preprocessing"],
-                                  epoch=best["epoch"], val_accuracy=best["val_accuracy"]))
+                                  epoch=row["epoch"], val_accuracy=val_m["accuracy"]))
         if accelerator.is_main_process:
-            append_jsonl(metrics_path, row)
-    wall = time.time() - t0
+            append_jsonl(os.path.join(output_dir, "metrics.jsonl"), row)
+        state.epoch, state.batches_done = state.epoch + 1, 0
+        if cfg.epochs and cfg.checkpointing_steps == "epoch":
+            checkpoint()
+    if val_m is None:  # resumed from a checkpoint taken after the last epoch
+        val_m = evaluate(accelerator, model, val_loader, run, metrics)
+    return _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch,
+                   earlier_seconds + time.time() - t0, output_dir)
+
+
+def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
+            output_dir):
+    best = state.best
     results = dict(
         script=run["script"], model=cfg.model, best_val_accuracy=best["val_accuracy"],
         best_val_loss=best["val_loss"], best_val_macro_f1=best["val_macro_f1"],
         best_epoch=best["epoch"], epochs=cfg.epochs, train_samples=run["train_samples"],
         val_samples=val_m["samples"], num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
-        steps_per_epoch=steps_per_epoch, wall_seconds=round(wall, 2),
-        final_val_accuracy=val_m["accuracy"], class_names=run["class_names"],
+        steps_per_epoch=steps_per_epoch, optimizer_steps=state.step,
+        wall_seconds=round(wall, 2), final_val_accuracy=val_m["accuracy"],
+        final_val_loss=val_m["loss"], class_names=run["class_names"],
         best_val_per_class=best["val_per_class"], best_confusion_matrix=best["confusion_matrix"])
-    set_summary(accelerator, {k: results[k] for k in
-                              ("best_val_accuracy", "best_val_loss", "best_val_macro_f1",
-                               "best_epoch")})
+    set_summary(accelerator, {k: results[k] for k in ("best_val_accuracy", "best_val_loss",
+                                                      "best_val_macro_f1", "best_epoch")})
     if accelerator.is_main_process:
         write_json(os.path.join(output_dir, "results.json"), results)
     accelerator.print(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"

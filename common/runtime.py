@@ -12,7 +12,7 @@ import time
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
 from common.config import save_config
 from common.errors import UserError
@@ -65,6 +65,9 @@ def setup_run(cfg, script):
         project_dir=output_dir,  # TensorBoard logs and Accelerate checkpoints go here
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
+        # Shuffle with seed + epoch, the same permutation on every rank (each takes its shard),
+        # reproducible after a resume without replaying earlier epochs.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
     )

@@ -35,16 +35,29 @@ def resolve_report_to(report_to, is_main_process):
     return report_to
 
 
-def start_run(accelerator, cfg, config_dict, output_dir, job_type):
-    """Start the tracker run (main process) with the resolved config."""
+def start_run(accelerator, cfg, config, output_dir, job_type, resume_id=None):
+    """Start the tracker run (main process) with the resolved config; `resume_id` continues
+    an earlier run (W&B: same id, resume="allow")."""
     if not accelerator.log_with:
         return
     init_kwargs = {}
     if cfg.report_to == "wandb":
         init_kwargs["wandb"] = dict(dir=output_dir, job_type=job_type,
                                     name=cfg.run_name or os.path.basename(output_dir))
-    # TensorBoard writes under the Accelerator's project_dir (the run folder).
-    accelerator.init_trackers(cfg.project, config=config_dict, init_kwargs=init_kwargs)
+        if resume_id:
+            init_kwargs["wandb"].update(id=resume_id, resume="allow")
+    # TensorBoard writes under the Accelerator's project_dir (the run folder); its hparams
+    # take no None values.
+    config = {k: ("" if v is None else v) for k, v in config.items()}
+    accelerator.init_trackers(cfg.project, config=config, init_kwargs=init_kwargs)
+
+
+def tracker_run_id(accelerator):
+    """The W&B run id on the main process (saved in checkpoints), else None."""
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        if tracker.name == "wandb":
+            return tracker.tracker.id
+    return None
 
 
 def set_summary(accelerator, values):
@@ -53,11 +66,3 @@ def set_summary(accelerator, values):
         for tracker in accelerator.trackers:
             if tracker.name == "wandb":
                 tracker.tracker.summary.update(values)
-
-
-def wandb_run_dir(accelerator):
-    """The local W&B run folder (offline or online), or None."""
-    for tracker in accelerator.trackers if accelerator.is_main_process else []:
-        if tracker.name == "wandb":
-            return tracker.tracker.dir
-    return None
