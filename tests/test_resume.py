@@ -39,12 +39,13 @@ def _latest_step(out):
         return -1
 
 
-def _start_and_interrupt(data, out, env, sig, after_step):
+def start_and_interrupt(args, out, env, sig, after_step):
+    """Launch train_finetune.py with `args`, send `sig` to its process group once a checkpoint
+    at or after `after_step` exists; return (exit code, output)."""
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     proc = subprocess.Popen(
         [accelerate, "launch", "--config_file", os.path.join(CONFIGS, "cpu.yaml"),
-         os.path.join(REPO, "train_finetune.py"), "--data-dir", data, *ARGS,
-         "--output-dir", str(out)],
+         os.path.join(REPO, "train_finetune.py"), *map(str, args), "--output-dir", str(out)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)  # its own process group: the launcher and its worker
     deadline = time.time() + 300
@@ -61,7 +62,8 @@ def test_kill_9_mid_epoch_then_resume_latest_matches_uninterrupted(
     full, _ = uninterrupted
     out = tmp_path / "run"
     # 18 images / batch 4 = 5 steps per epoch: step 8 is in the middle of epoch 2
-    _start_and_interrupt(data, out, offline_env, signal.SIGKILL, after_step=8)
+    start_and_interrupt(["--data-dir", data, *ARGS], out, offline_env, signal.SIGKILL,
+                        after_step=8)
     assert not (out / "results.json").exists()
     proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
                                         "--resume-from-checkpoint", "latest"], offline_env)
@@ -79,7 +81,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(data, uninterrupted
                                                              offline_env):
     full, _ = uninterrupted
     out = tmp_path / "run"
-    code, output = _start_and_interrupt(data, out, offline_env, signal.SIGTERM, after_step=4)
+    code, output = start_and_interrupt(["--data-dir", data, *ARGS], out, offline_env,
+                                       signal.SIGTERM, after_step=4)
     assert code != 0
     assert "Stopped by SIGTERM: saved" in output and "--resume-from-checkpoint latest" in output
     proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
