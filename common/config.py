@@ -12,6 +12,7 @@ as in every Accelerate script.
 
 import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -39,6 +40,8 @@ class TrainConfig:
     val_split: str = opt("validation", "validation split of --dataset (falls back to 'val', "
                          "'valid', 'test'; none: split off --val-fraction of train)")
     val_fraction: float = opt(0.2, "fraction of train held out when there is no validation set")
+    strict_images: bool = opt(False, "stop on an unreadable image instead of skipping it "
+                              "with a warning")
     num_workers: int = opt(-1, "DataLoader worker processes per training process "
                            "(-1: one per spare CPU core, at most 8)")
     # model
@@ -75,6 +78,8 @@ class TrainConfig:
     # run
     seed: int = opt(42, "random seed (data order, head initialisation, augmentation)")
     output_dir: Optional[str] = opt(None, "run folder (default: outputs/<script>-<time>)")
+    overwrite_output_dir: bool = opt(False, "reuse an --output-dir that holds a run: its "
+                                     "results, metrics, best/ and checkpoints/ are replaced")
     report_to: str = opt("wandb", "experiment tracker; W&B runs offline when no account is "
                          "configured", choices=("wandb", "tensorboard", "none"))
     project: str = opt("transfer-learning", "tracker project name")
@@ -104,8 +109,16 @@ def _field_type(f):
     return args[0] if args else t
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end in one line, like every other error here, not a page of usage."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(cls, description):
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of options (keys as the flags, with - or _)")

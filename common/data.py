@@ -15,11 +15,15 @@ the model's pretrained config (`preprocessing`), never hard-coded.
 """
 
 import multiprocessing as mp
+import contextlib
+import io
 import os
 import signal
+import sys
 
 import datasets
 import numpy as np
+import PIL.Image
 import torch
 from torchvision.transforms import v2
 
@@ -138,6 +142,50 @@ def load_hub_dataset(cfg):
     return train, val, classes
 
 
+def _check_image(source):
+    """None if the image decodes, else the reason. JPEGs decode at 1/8 scale (DCT scaling),
+    which still reads every byte, so truncated files are caught at a fraction of the cost."""
+    try:
+        with PIL.Image.open(io.BytesIO(source["bytes"]) if source.get("bytes")
+                            else source["path"]) as img:
+            img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
+            img.load()
+        return None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+
+
+def drop_unreadable(ds, split, strict):
+    """Check that every image decodes. Unreadable ones (random bytes named .jpg, truncated
+    or empty files) are dropped with a warning naming each, or, with --strict-images, are an
+    error. A bad file found only mid-epoch would kill a loader worker and the run."""
+    raw = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    bad = [(i, src.get("path") or f"{split} row {i}", why)
+           for i, src in enumerate(raw) if (why := _check_image(src)) is not None]
+    if not bad:
+        return ds
+    if strict:
+        i, name, why = bad[0]
+        raise UserError(f"--strict-images: {name} cannot be read ({why}); "
+                        f"{len(bad)} unreadable {split} image(s) in all")
+    for _, name, why in bad:
+        print(f"warning: skipping unreadable image {name} ({why})")
+    print(f"warning: skipped {len(bad)} unreadable {split} image(s) of {len(ds)}; "
+          "--strict-images makes this an error")
+    bad_rows = {i for i, _, _ in bad}
+    return ds.select([i for i in range(len(ds)) if i not in bad_rows])
+
+
+def to_rgb(img):
+    """RGB from any mode: grayscale, palette, RGBA, CMYK (PIL's conversions), and 16/32-bit
+    integer or float images, which PIL's convert("RGB") clips to white: rescaled to 8 bits."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = PIL.Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def build_transforms(preprocessing, train_crop_scale=0.08):
     """(train, eval) transforms from the model's preprocessing config."""
     p = preprocessing
@@ -171,7 +219,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.split[i]  # the Image feature decodes the file here (EXIF-rotated)
-        img = row["image"].convert("RGB")  # grayscale, palette, RGBA and CMYK alike
+        img = to_rgb(row["image"])
         if self.seed is None:
             x = self.transform(img)
         else:
@@ -220,12 +268,21 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes):
 
 def load_data(cfg, accelerator):
     """(train, val, class_names) from --data-dir, --dataset, or the tutorial's ants/bees set
-    (downloaded into data/ by the main process first when neither flag is given)."""
+    (downloaded into data/ by the main process first when neither flag is given), without
+    the images that do not decode."""
     if cfg.dataset:
         with accelerator.main_process_first():  # one process fills the datasets cache
-            return load_hub_dataset(cfg)
-    data_dir = cfg.data_dir
-    if data_dir is None:
-        with accelerator.main_process_first():
-            data_dir = ensure_hymenoptera("data")
-    return load_image_folder(data_dir, cfg.val_fraction, cfg.seed)
+            train, val, classes = load_hub_dataset(cfg)
+    else:
+        data_dir = cfg.data_dir
+        if data_dir is None:
+            with accelerator.main_process_first():
+                data_dir = ensure_hymenoptera("data")
+        train, val, classes = load_image_folder(data_dir, cfg.val_fraction, cfg.seed)
+    # Every rank checks (the same files, the same verdicts); only the main one reports.
+    with contextlib.redirect_stdout(sys.stdout if accelerator.is_main_process else io.StringIO()):
+        train = drop_unreadable(train, "train", cfg.strict_images)
+        val = drop_unreadable(val, "val", cfg.strict_images)
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("no readable images left in train or val; check the data")
+    return train, val, classes

@@ -14,7 +14,9 @@ or none (`--no-pretrained`). The head of a weights file is dropped when its shap
 import difflib
 import math
 import os
+import socket
 import urllib.error
+import urllib.parse
 
 import torch
 from torch import nn
@@ -136,12 +138,29 @@ def load_into(model, state_dict, head_name, source):
                           strict=False)
 
 
+def _hub_offline_if_unreachable():
+    """Without network, huggingface_hub retries for ~50 s before timm gives up. A 3 s probe
+    instead: unreachable -> offline mode, so a cached model loads and a missing one fails now."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return
+    host = urllib.parse.urlparse(hub.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True  # read by huggingface_hub.is_offline_mode() at each call
+        print(f"{host} is unreachable: using the local Hugging Face cache only")
+
+
 def build_model(name, num_classes, pretrained=True, weights=None):
     """Return (model, head_name, preprocessing) with a new `num_classes` head."""
     library, arch = split_model_name(name)
     if library == "timm":
         import timm
 
+        if pretrained and weights is None:
+            _hub_offline_if_unreachable()
         try:
             model = timm.create_model(arch, pretrained=pretrained and weights is None)
         except OSError as e:  # no network / not in the Hub cache

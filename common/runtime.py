@@ -8,6 +8,7 @@ is absent and then check that it sees as many processes as the launcher started.
 
 import dataclasses
 import os
+import shutil
 import time
 
 import torch
@@ -48,6 +49,29 @@ def use_channels_last(cfg, accelerator):
                 and not cpu_has_native_bf16())
 
 
+RUN_FILES = ("results.json", "metrics.jsonl", "best", "checkpoints")  # what a run writes
+
+
+def _check_output_dir(cfg, output_dir, is_main):
+    """Never train over an earlier run by accident, and never delete what we did not write.
+    Every rank checks (so all stop together); the main one deletes."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if not found or cfg.resume_from_checkpoint:
+        return
+    if not cfg.overwrite_output_dir:
+        what = "a finished run" if "results.json" in found else "an unfinished run"
+        hint = ("" if "results.json" in found
+                else "--resume-from-checkpoint latest to continue it, or ")
+        raise UserError(f"--output-dir {output_dir} already holds {what} ({', '.join(found)}); "
+                        f"use {hint}--overwrite-output-dir to replace it, or another folder")
+    if not is_main:
+        return
+    for f in found:  # only our own files; anything else in the folder stays
+        path = os.path.join(output_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f"--overwrite-output-dir: removed {', '.join(found)} from {output_dir}")
+
+
 def setup_run(cfg, script):
     """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
     cpu = not torch.cuda.is_available()
@@ -59,6 +83,8 @@ def setup_run(cfg, script):
             f"({state.distributed_type}); on CPU use accelerate_configs/cpu_2proc.yaml "
             "(distributed_type MULTI_GPU + use_cpu: true), see accelerate_configs/README.md")
     output_dir = _output_dir(cfg, script, state)
+    _check_output_dir(cfg, output_dir, state.is_main_process)
+    state.wait_for_everyone()
     log_with = resolve_report_to(cfg.report_to, state.is_main_process)
     accelerator = Accelerator(
         cpu=cpu,
