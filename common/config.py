@@ -84,6 +84,9 @@ class TrainConfig:
                          "configured", choices=("wandb", "tensorboard", "none"))
     project: str = opt("transfer-learning", "tracker project name")
     run_name: Optional[str] = opt(None, "tracker run name (default: the run folder's name)")
+    group: Optional[str] = opt(None, "W&B group (default: <dataset>/<model>, so fine-tune "
+                               "and extractor runs of one backbone sit together)")
+    tags: Optional[str] = opt(None, "comma-separated W&B tags")
 
 
 @dataclass

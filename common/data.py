@@ -227,7 +227,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 torch.manual_seed(int(np.random.SeedSequence(
                     [self.seed, self.epoch.value, i]).generate_state(1)[0]))
                 x = self.transform(img)
-        return {"pixel_values": x, "labels": row["label"]}
+        return {"pixel_values": x, "labels": row["label"], "index": i}
 
 
 def set_epoch(loader, epoch):

@@ -32,7 +32,8 @@ from common.errors import UserError
 from common.metrics import compute_metrics, load_metrics
 from common.models import set_train_mode
 from common.optim import build_scheduler
-from common.tracking import set_summary, start_run, tracker_run_id
+from common.tracking import log_pictures, set_summary, start_run, tracker_run_id
+from common.viz import augmentation_preview_png, confusion_matrix_png, prediction_grid_png
 
 
 class StopSignal:
@@ -117,11 +118,15 @@ def evaluate(accelerator, model, loader, run, metrics):
         with accelerator.autocast():
             logits = model(x)
         per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-        g = accelerator.gather_for_metrics((per_sample, logits.argmax(-1), y))
+        prob, pred = logits.float().softmax(-1).max(-1)
+        g = accelerator.gather_for_metrics((per_sample, pred, y, batch["index"], prob))
         parts.append(tuple(t.cpu() for t in g))
-    losses, preds, labels = _cat(parts)
+    losses, preds, labels, index, prob = _cat(parts)
     out = compute_metrics(metrics, preds, labels, run["class_names"])
-    out.update(loss=losses.mean().item(), samples=len(labels))
+    order = index.argsort()  # dataset order, whatever the process count
+    out.update(loss=losses.mean().item(), samples=len(labels),
+               predictions={"index": index[order].tolist(), "pred": preds[order].tolist(),
+                            "label": labels[order].tolist(), "prob": prob[order].tolist()})
     return out
 
 
@@ -158,6 +163,7 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
     # so that it skips steps while gradients accumulate.
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader)
+    run["val_dataset"] = val_loader.dataset  # images for the prediction grid
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     state = TrainState()
@@ -175,8 +181,11 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=run["train_samples"],
                   val_samples=run["val_samples"], num_classes=len(run["class_names"]))
-    start_run(accelerator, cfg, config, output_dir, run["script"], state.tracker_run_id)
+    start_run(accelerator, cfg, config, output_dir, run, state.tracker_run_id)
     state.tracker_run_id = tracker_run_id(accelerator) or state.tracker_run_id
+    if accelerator.is_main_process and not cfg.resume_from_checkpoint:
+        log_pictures(accelerator, {"augmentation": augmentation_preview_png(
+            train_loader.dataset, run, os.path.join(output_dir, "augmentation.png"))}, 0)
     run["stop"] = StopSignal()
 
     earlier_seconds = state.wall_seconds  # of the sessions before a resume
@@ -214,15 +223,19 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
                               f"{_epoch_line('train', train_m)}")
         val_m = evaluate(accelerator, model, val_loader, run, metrics)
         accelerator.print(_epoch_line("val", val_m))
-        row.update({f"val_{k}": v for k, v in val_m.items() if k != "confusion_matrix"},
+        row.update({f"val_{k}": v for k, v in val_m.items()
+                    if k not in ("confusion_matrix", "predictions")},
                    lr=optimizer.param_groups[0]["lr"], seconds=time.time() - epoch_t0)
-        accelerator.log({k.replace("_", "/", 1): v for k, v in row.items()
-                         if isinstance(v, (int, float))}, step=state.step)
+        accelerator.log({**{k.replace("_", "/", 1): v for k, v in row.items()
+                            if isinstance(v, (int, float))},
+                         **{f"val/{m}/{c}": v for c, d in val_m["per_class"].items()
+                            for m, v in d.items()}}, step=state.step)
         if state.best is None or val_m["accuracy"] > state.best["val_accuracy"]:
             state.best = {"epoch": row["epoch"], "val_accuracy": val_m["accuracy"],
                           "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
                           "val_per_class": val_m["per_class"],
-                          "confusion_matrix": val_m["confusion_matrix"]}
+                          "confusion_matrix": val_m["confusion_matrix"],
+                          "predictions": val_m["predictions"]}
             if accelerator.is_main_process:
                 export_model(accelerator.unwrap_model(model), os.path.join(output_dir, "best"),
                              dict(model=cfg.model, class_names=run["class_names"],
@@ -256,6 +269,15 @@ def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, 
                                                       "best_val_macro_f1", "best_epoch")})
     if accelerator.is_main_process:
         write_json(os.path.join(output_dir, "results.json"), results)
+        log_pictures(accelerator, {
+            "confusion_matrix": confusion_matrix_png(
+                best["confusion_matrix"], run["class_names"],
+                os.path.join(output_dir, "confusion_matrix.png"),
+                f"Best epoch {best['epoch']} on val")},
+            state.step)
+        log_pictures(accelerator, {"predictions": prediction_grid_png(
+            run["val_dataset"], best["predictions"], run,
+            os.path.join(output_dir, "predictions.png"))}, state.step)
     accelerator.print(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
                       f"Best val Acc: {best['val_accuracy']:.4f} (epoch {best['epoch']}) "
                       f"-> {output_dir}")

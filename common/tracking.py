@@ -8,6 +8,8 @@ instead and say so in one line; `wandb sync <run folder>/wandb/offline-run-*` up
 
 import netrc
 import os
+import platform
+import subprocess
 import sys
 from urllib.parse import urlparse
 
@@ -35,21 +37,67 @@ def resolve_report_to(report_to, is_main_process):
     return report_to
 
 
-def start_run(accelerator, cfg, config, output_dir, job_type, resume_id=None):
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata():
+    """Library versions and the code's git commit, for comparing runs."""
+    import accelerate
+    import datasets
+    import timm
+    import torch
+    import torchvision
+
+    return dict(git_commit=_git_commit(), torch_version=torch.__version__,
+                torchvision_version=torchvision.__version__, timm_version=timm.__version__,
+                accelerate_version=accelerate.__version__, datasets_version=datasets.__version__,
+                python_version=platform.python_version())
+
+
+def default_group(cfg):
+    """Runs on the same data with the same backbone group together: fine-tune vs extractor,
+    1 vs N GPUs."""
+    data = cfg.dataset or os.path.basename(os.path.normpath(cfg.data_dir or "hymenoptera_data"))
+    return f"{data}/{cfg.model}"
+
+
+def start_run(accelerator, cfg, config, output_dir, run, resume_id=None):
     """Start the tracker run (main process) with the resolved config; `resume_id` continues
     an earlier run (W&B: same id, resume="allow")."""
     if not accelerator.log_with:
         return
     init_kwargs = {}
     if cfg.report_to == "wandb":
-        init_kwargs["wandb"] = dict(dir=output_dir, job_type=job_type,
-                                    name=cfg.run_name or os.path.basename(output_dir))
+        init_kwargs["wandb"] = dict(dir=output_dir, job_type=run["script"],
+                                    name=cfg.run_name or os.path.basename(output_dir),
+                                    group=cfg.group or default_group(cfg),
+                                    tags=[t for t in (cfg.tags or "").split(",") if t])
         if resume_id:
             init_kwargs["wandb"].update(id=resume_id, resume="allow")
     # TensorBoard writes under the Accelerator's project_dir (the run folder); its hparams
     # take no None values.
-    config = {k: ("" if v is None else v) for k, v in config.items()}
+    config = {k: ("" if v is None else v) for k, v in {**config, **run_metadata()}.items()}
     accelerator.init_trackers(cfg.project, config=config, init_kwargs=init_kwargs)
+
+
+def log_pictures(accelerator, pngs, step):
+    """PNG files (name -> path) to the trackers: wandb.Image, or a TensorBoard image."""
+    import numpy as np
+    from PIL import Image
+
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        images = {k: Image.open(v).convert("RGB") for k, v in pngs.items()}
+        if tracker.name == "wandb":
+            tracker.log_images({k: [v] for k, v in images.items()}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({k: np.asarray(v)[None] for k, v in images.items()}, step=step,
+                               dataformats="NHWC")
 
 
 def tracker_run_id(accelerator):

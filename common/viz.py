@@ -1,0 +1,105 @@
+"""Pictures of a run, as PNG files: confusion matrix, prediction grid, augmentation preview,
+and the curves of `compare_runs.py`. matplotlib with the Agg backend: no display needed."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def denormalize(x, mean, std):
+    """A normalised CHW tensor back to an HWC array in [0, 1] for display."""
+    x = x.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def confusion_matrix_png(cm, class_names, path, title="Confusion matrix (val)"):
+    cm = np.asarray(cm)
+    n = len(class_names)
+    size = max(4.0, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > top / 2 else "black")
+    ax.set_title(f"{title}: {np.trace(cm)}/{cm.sum()} correct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def image_grid_png(images, captions, path, wrong=None, title=None, cols=4):
+    """images: HWC arrays in [0, 1]; `wrong[i]` draws a red caption and frame."""
+    n = len(images)
+    cols = min(cols, n) or 1
+    rows = math.ceil(n / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(images[k])
+        bad = bool(wrong[k]) if wrong is not None else False
+        ax.set_title(captions[k], fontsize=9, color="red" if bad else "black")
+        if bad:
+            ax.add_patch(plt.Rectangle((0, 0), images[k].shape[1] - 1, images[k].shape[0] - 1,
+                                       fill=False, edgecolor="red", linewidth=4))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def curves_png(runs, path):
+    """runs: list of (label, epochs, val_accuracy, val_loss); one line per run."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, epochs, acc, loss in runs:
+        acc_ax.plot(epochs, acc, marker="o", label=label)
+        loss_ax.plot(epochs, loss, marker="o", label=label)
+    acc_ax.set(xlabel="epoch", ylabel="val accuracy", title="Validation accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="val loss", title="Validation loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def augmentation_preview_png(dataset, run, path, n=16):
+    """The first `n` training images as the model sees them in epoch 1 (augmented,
+    denormalised with the model's own mean/std), like the tutorial's `imshow` grid."""
+    p, names = run["preprocessing"], run["class_names"]
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    return image_grid_png([denormalize(it["pixel_values"], p["mean"], p["std"]) for it in items],
+                          [names[it["labels"]] for it in items], path,
+                          title="Training augmentation (epoch 1)")
+
+
+def prediction_grid_png(dataset, predictions, run, path, n=16):
+    """Val images with predicted (probability) and true labels, misclassified ones first and
+    marked in red, like the tutorial's `visualize_model`."""
+    p, names = run["preprocessing"], run["class_names"]
+    rows = list(zip(predictions["index"], predictions["pred"], predictions["label"],
+                    predictions["prob"]))
+    rows.sort(key=lambda r: r[1] == r[2])  # wrong ones first, dataset order otherwise
+    rows = rows[:n]
+    images = [denormalize(dataset[i]["pixel_values"], p["mean"], p["std"]) for i, *_ in rows]
+    captions = [f"pred {names[pr]} ({pb:.2f})\ntrue {names[lb]}" for _, pr, lb, pb in rows]
+    wrong = [pr != lb for _, pr, lb, _ in rows]
+    return image_grid_png(images, captions, path, wrong=wrong,
+                          title=f"Val predictions: {sum(wrong)} wrong shown first")
