@@ -4,6 +4,7 @@ and the curves of `compare_runs.py`. matplotlib with the Agg backend: no display
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,6 +73,7 @@ def curves_png(runs, path):
     acc_ax.set(xlabel="epoch", ylabel="val accuracy", title="Validation accuracy")
     loss_ax.set(xlabel="epoch", ylabel="val loss", title="Validation loss")
     for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -44,3 +44,25 @@ def test_kill_9_halfway_then_resume_matches_uninterrupted(shared_dir, tmp_path, 
     assert abs(a["final_val_accuracy"] - b["final_val_accuracy"]) * 153 <= 1
     assert abs(a["best_val_accuracy"] - b["best_val_accuracy"]) * 153 <= 1
     print(f"uninterrupted {a['final_val_accuracy']:.4f}, killed+resumed {b['final_val_accuracy']:.4f}")
+
+
+def test_predict_on_val_equals_the_runs_best_accuracy(shared_dir, tmp_path, offline_env):
+    import csv
+    import os
+
+    from conftest import run_script
+
+    out = tmp_path / "run"
+    launch("train_extractor.py", ["--data-dir", shared_dir["data"], "--model",
+                                  "timm:tf_efficientnet_lite0", "--weights",
+                                  shared_dir["weights"], "--epochs", "2", "--output-dir", out,
+                                  "--report-to", "none"], offline_env, timeout=1200)
+    csv_path = tmp_path / "pred.csv"
+    proc = run_script("predict.py", [out, os.path.join(shared_dir["data"], "val"), "--output",
+                                     csv_path], offline_env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 153
+    correct = sum(r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+    best = json.load(open(out / "results.json"))["best_val_accuracy"]
+    assert abs(correct / 153 - best) * 153 < 1, (correct, best)

@@ -112,7 +112,8 @@ def test_wandb_offline_two_processes_make_one_run_with_config_and_summary(
     env["NETRC"] = str(tmp_path / "no-netrc")
     proc = launch("train_extractor.py", ["--data-dir", image_folder, *TINY, "--no-pretrained",
                                          "--epochs", "2", "--output-dir", out,
-                                         "--run-name", "tiny-run"], env, nproc=2)
+                                         "--run-name", "tiny-run", "--tags", "tiny,ci"],
+                  env, nproc=2)
     assert "logging offline" in proc.stderr
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1, runs
@@ -125,8 +126,21 @@ def test_wandb_offline_two_processes_make_one_run_with_config_and_summary(
     assert info["summary"]["best_epoch"] == res["best_epoch"]
     assert info["summary"]["val/samples"] == 9
     assert "train/loss_step" in info["summary"] and "train/lr" in info["summary"]
+    assert info["summary"]["val/f1/cat"] >= 0 and sorted(info["tags"]) == ["ci", "tiny"]
+    assert info["config"]["torch_version"] and "git_commit" in info["config"]
     # 18 images / (4 x 2 processes) = 3 optimiser steps per epoch, 2 epochs
     assert info["step"] == 6
+    header = _run_record(runs[0])
+    assert header["job_type"] == "extractor" and header["run_group"] == "data/timm:test_resnet"
+
+
+def _run_record(run_dir):
+    """The run record of an offline W&B run (group, job type), via wandb's own reader."""
+    exe = os.path.join(os.path.dirname(os.sys.executable), "wandb")
+    out = subprocess.run([exe, "leet", "inspect", "--json", run_dir], capture_output=True,
+                         text=True, timeout=120).stdout
+    return next(json.loads(line)["run"] for line in out.splitlines()
+                if line.startswith("{") and json.loads(line).get("type") == "run")
 
 
 def test_tensorboard_tracker_writes_event_files(image_folder, tmp_path, offline_env):

@@ -1,0 +1,111 @@
+"""Classify images with an exported model: `best/` of a run (or the run folder itself).
+
+    python predict.py outputs/finetune-20261127-101500 photo.jpg more_photos/ --top-k 2
+    python predict.py runs/a/best data/val --output predictions.csv
+
+Class names and preprocessing (resize, crop, mean/std) come from the export's model.json,
+not from the training config. Folders are searched recursively for image files
+(.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp). Prints `path, label, probability` per image
+(top-k: one line per rank); `--output FILE.csv|.jsonl` writes the same rows to a file.
+Runs batched on CUDA when available, else CPU.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import torch
+
+from common.checkpoint import load_exported
+from common.data import IMG_EXTENSIONS, build_transforms, to_rgb
+from common.errors import UserError, cli
+
+
+def list_images(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for dirpath, _, names in sorted(os.walk(path)):
+                files += [os.path.join(dirpath, n) for n in sorted(names)
+                          if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith(".")]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not files:
+        raise UserError(f"no image files in {', '.join(paths)}")
+    return files
+
+
+def _load(path, transform):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return transform(to_rgb(img))
+    except Exception as e:  # a corrupt file: reported, the rest still classified
+        print(f"warning: skipping {path} ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+@torch.no_grad()
+def predict(model, meta, files, top_k=1, batch_size=32, device="cpu"):
+    """Rows (path, label, probability, rank) for each readable file, top-k per file."""
+    _, transform = build_transforms(meta["preprocessing"])
+    names = meta["class_names"]
+    rows = []
+    for start in range(0, len(files), batch_size):
+        loaded = [(f, x) for f in files[start:start + batch_size]
+                  if (x := _load(f, transform)) is not None]
+        if not loaded:
+            continue
+        probs = model(torch.stack([x for _, x in loaded]).to(device)).float().softmax(-1)
+        p, idx = probs.topk(min(top_k, len(names)), dim=-1)
+        for (f, _), ps, ids in zip(loaded, p.tolist(), idx.tolist()):
+            rows += [(f, names[i], pr, r + 1) for r, (pr, i) in enumerate(zip(ps, ids))]
+    return rows
+
+
+def write_rows(rows, output, top_k):
+    if output.endswith(".jsonl"):
+        with open(output, "w") as fh:
+            for f, label, prob, rank in rows:
+                rec = {"path": f, "label": label, "probability": prob}
+                fh.write(json.dumps({**rec, "rank": rank} if top_k > 1 else rec) + "\n")
+    else:
+        with open(output, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "probability"] + (["rank"] if top_k > 1 else []))
+            for f, label, prob, rank in rows:
+                w.writerow([f, label, f"{prob:.6f}"] + ([rank] if top_k > 1 else []))
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="an export folder (best/) or a run folder")
+    parser.add_argument("paths", nargs="+", help="image files and/or folders")
+    parser.add_argument("--top-k", type=int, default=1, help="classes per image")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", help="write rows to FILE.csv or FILE.jsonl")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be >= 1")
+    model, meta = load_exported(args.model_dir, args.device)
+    rows = predict(model, meta, list_images(args.paths), args.top_k, args.batch_size,
+                   args.device)
+    if args.output:
+        write_rows(rows, args.output, args.top_k)
+        print(f"{len({r[0] for r in rows})} images -> {args.output}")
+    else:
+        for f, label, prob, rank in rows:
+            print(f"{f}, {label}, {prob:.4f}" + (f", {rank}" if args.top_k > 1 else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
