@@ -83,10 +83,11 @@ def curves_png(runs, path):
 
 
 def augmentation_preview_png(dataset, run, path, n=16):
-    """The first `n` training images as the model sees them in epoch 1 (augmented,
-    denormalised with the model's own mean/std), like the tutorial's `imshow` grid."""
+    """`n` random training images as the model sees them in epoch 1 (augmented, denormalised
+    with the model's own mean/std), like the tutorial's `imshow` grid of a batch."""
     p, names = run["preprocessing"], run["class_names"]
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(dataset.seed or 0))
+    items = [dataset[int(i)] for i in pick[:n]]
     return image_grid_png([denormalize(it["pixel_values"], p["mean"], p["std"]) for it in items],
                           [names[it["labels"]] for it in items], path,
                           title="Training augmentation (epoch 1)")
