@@ -8,6 +8,8 @@ The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 (S
 StepLR 7/0.1). Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 """
 
+import time
+
 from common.config import FinetuneConfig, parse_config
 from common.data import build_dataloaders, load_data
 from common.engine import fit
@@ -19,6 +21,7 @@ from common.runtime import setup_run, use_channels_last
 
 @cli
 def main(argv=None):
+    started = time.time()
     cfg = parse_config(FinetuneConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "finetune")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
@@ -28,7 +31,7 @@ def main(argv=None):
                                                  accelerator.num_processes)
     optimizer = build_optimizer(cfg, model.parameters())  # all layers learn
     channels_last = use_channels_last(cfg, accelerator)
-    run = dict(script="finetune", head_name=head_name, frozen_backbone=False,
+    run = dict(started=started, script="finetune", head_name=head_name, frozen_backbone=False,
                class_names=class_names, preprocessing=preprocessing,
                channels_last=channels_last, train_samples=len(train_ds), val_samples=len(val_ds))
     return fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, output_dir)

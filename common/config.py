@@ -99,6 +99,13 @@ class ExtractorConfig(TrainConfig):
     """train_extractor.py: only the new head is trained, so it takes a larger step size."""
 
     lr: float = opt(0.05, "peak learning rate (only the linear head learns)")
+    epochs: int = opt(30, "training epochs (cheap with cached features; 0: only evaluate)")
+    cache_features: bool = opt(True, "compute the frozen backbone's features once and train "
+                               "the head on them (--no-cache-features: every epoch, on the fly)")
+    feature_views: int = opt(0, "training views per image: 0 = one un-augmented centre view; "
+                             "K >= 1 = K augmented views (epoch e uses view e mod K)")
+    feature_cache_dir: Optional[str] = opt(None, "where cached features live (default: "
+                                           "~/.cache/transfer-learning/features)")
 
 
 def _flag(name):
@@ -176,6 +183,7 @@ def _validate(parser, cfg):
         (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
         (0 < cfg.train_crop_scale <= 1, "--train-crop-scale must be in (0, 1]"),
         (cfg.num_workers >= -1, "--num-workers must be >= 0 (or -1 for automatic)"),
+        (getattr(cfg, "feature_views", 0) >= 0, "--feature-views must be >= 0"),
         (not (cfg.data_dir and cfg.dataset), "give --data-dir or --dataset, not both"),
         (not (cfg.weights and not cfg.pretrained), "--weights and --no-pretrained contradict"),
         (cfg.checkpointing_steps in ("epoch", "no") or (cfg.checkpointing_steps.isdigit()

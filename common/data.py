@@ -250,11 +250,17 @@ def default_num_workers(num_processes):
     return max(0, min(8, cores // max(1, num_processes) - 1))
 
 
-def build_dataloaders(train, val, preprocessing, cfg, num_processes):
+def num_workers(cfg, num_processes):
+    return cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
+
+
+def build_dataloaders(train, val, preprocessing, cfg, num_processes, augment=True):
     """Train (shuffled) and eval DataLoaders, before `accelerator.prepare`. The shuffle order
-    comes from Accelerate's seedable sampler (see runtime.py), seeded with --seed + epoch."""
+    comes from Accelerate's seedable sampler (see runtime.py), seeded with --seed + epoch.
+    `augment=False` trains on the evaluation transform (centre crop)."""
     train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
+    train_tf = train_tf if augment else eval_tf
+    workers = num_workers(cfg, num_processes)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                   worker_init_fn=_worker_ignores_stop_signals,

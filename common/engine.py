@@ -156,14 +156,16 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
     results.json. `run` holds what the files and tracker need: script, head_name,
     frozen_backbone, class_names, preprocessing, channels_last, train_samples, val_samples.
     """
-    t0 = time.time()
+    t0 = run.get("started", time.time())  # wall time counts data loading and extraction
     if run["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     # prepare moves the model to the device and wraps it in DDP; the optimiser is rewrapped
     # so that it skips steps while gradients accumulate.
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader)
-    run["val_dataset"] = val_loader.dataset  # images for the prediction grid
+    # images for the pictures (the loaders may serve cached features instead)
+    run.setdefault("train_images", train_loader.dataset)
+    run.setdefault("val_images", val_loader.dataset)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     state = TrainState()
@@ -185,7 +187,7 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
     state.tracker_run_id = tracker_run_id(accelerator) or state.tracker_run_id
     if accelerator.is_main_process and not cfg.resume_from_checkpoint:
         log_pictures(accelerator, {"augmentation": augmentation_preview_png(
-            train_loader.dataset, run, os.path.join(output_dir, "augmentation.png"))}, 0)
+            run["train_images"], run, os.path.join(output_dir, "augmentation.png"))}, 0)
     run["stop"] = StopSignal()
 
     earlier_seconds = state.wall_seconds  # of the sessions before a resume
@@ -237,7 +239,9 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
                           "confusion_matrix": val_m["confusion_matrix"],
                           "predictions": val_m["predictions"]}
             if accelerator.is_main_process:
-                export_model(accelerator.unwrap_model(model), os.path.join(output_dir, "best"),
+                # the cached-feature path trains the head alone: export backbone + head
+                export_model(run.get("export_model") or accelerator.unwrap_model(model),
+                             os.path.join(output_dir, "best"),
                              dict(model=cfg.model, class_names=run["class_names"],
                                   head=run["head_name"], preprocessing=run["preprocessing"],
                                   epoch=row["epoch"], val_accuracy=val_m["accuracy"]))
@@ -276,7 +280,7 @@ def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, 
                 f"Best epoch {best['epoch']} on val")},
             state.step)
         log_pictures(accelerator, {"predictions": prediction_grid_png(
-            run["val_dataset"], best["predictions"], run,
+            run["val_images"], best["predictions"], run,
             os.path.join(output_dir, "predictions.png"))}, state.step)
     accelerator.print(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
                       f"Best val Acc: {best['val_accuracy']:.4f} (epoch {best['epoch']}) "

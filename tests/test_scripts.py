@@ -70,12 +70,15 @@ def _backbone_tensors(state, head="fc."):
     return {k: v for k, v in state.items() if not k.startswith(head)}
 
 
+@pytest.mark.parametrize("mode", [["--cache-features"], ["--no-cache-features"],
+                                  ["--no-cache-features", "--feature-views", "1"]])
 def test_extractor_leaves_backbone_and_batchnorm_bit_identical(image_folder, tiny_weights,
-                                                               tmp_path, offline_env):
+                                                               tmp_path, offline_env, mode):
     out = tmp_path / "run"
     launch("train_extractor.py", ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
                                   "--epochs", "2", "--lr", "0.5", "--output-dir", out,
-                                  "--report-to", "none"], offline_env)
+                                  "--report-to", "none", "--feature-cache-dir",
+                                  tmp_path / "cache", *mode], offline_env)
     start, end = load_file(tiny_weights), load_file(str(out / "best" / "model.safetensors"))
     backbone = _backbone_tensors(end)
     assert any(k.endswith("running_var") for k in backbone)
