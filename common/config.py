@@ -98,7 +98,7 @@ class FinetuneConfig(TrainConfig):
 class ExtractorConfig(TrainConfig):
     """train_extractor.py: only the new head is trained, so it takes a larger step size."""
 
-    lr: float = opt(0.05, "peak learning rate (only the linear head learns)")
+    lr: float = opt(0.01, "peak learning rate (only the linear head learns)")
     epochs: int = opt(30, "training epochs (cheap with cached features; 0: only evaluate)")
     cache_features: bool = opt(True, "compute the frozen backbone's features once and train "
                                "the head on them (--no-cache-features: every epoch, on the fly)")

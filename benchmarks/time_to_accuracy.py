@@ -1,0 +1,80 @@
+"""Time to accuracy: our defaults against the tutorial's recipe, side by side, same backbone
+and weights, on the ants/bees set. Prints best val accuracy, wall time and their ratios.
+
+    python benchmarks/time_to_accuracy.py --script extractor          # ~10 min on 2 CPU cores
+    python benchmarks/time_to_accuracy.py --script finetune           # ~30 min on 2 CPU cores
+
+Each run is `accelerate launch --config_file accelerate_configs/cpu.yaml <script> ...` in a
+fresh process; wall time is the whole process (start-up, data, extraction, training, eval),
+and results.json's own wall_seconds (from the script's start) is printed beside it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
+TUTORIAL = ["--batch-size", "4", "--lr", "0.001", "--momentum", "0.9", "--scheduler", "step",
+            "--step-size", "7", "--gamma", "0.1", "--epochs", "25", "--no-channels-last",
+            "--checkpointing-steps", "no"]
+RECIPES = {
+    "extractor": {"tutorial": TUTORIAL + ["--no-cache-features", "--feature-views", "1"],
+                  "defaults": []},
+    "finetune": {"tutorial": TUTORIAL, "defaults": []},
+}
+
+
+def run(script, args, out, config):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+           "--config_file", config, os.path.join(REPO, f"train_{script}.py"), *args,
+           "--output-dir", out, "--report-to", "none"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "results.json")) as fh:
+        return wall, json.load(fh)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--script", choices=["extractor", "finetune", "both"], default="both")
+    p.add_argument("--model", default="timm:tf_efficientnet_lite0")
+    p.add_argument("--weights", default=os.path.join(
+        SHARED, "weights", "tf_efficientnet_lite0.in1k.safetensors"))
+    p.add_argument("--data-dir", default=os.path.join(SHARED, "data", "hymenoptera_data"))
+    p.add_argument("--config", default=os.path.join(REPO, "accelerate_configs", "cpu.yaml"))
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    scripts = ["extractor", "finetune"] if args.script == "both" else [args.script]
+    base = ["--data-dir", args.data_dir, "--model", args.model, "--weights", args.weights]
+    with tempfile.TemporaryDirectory() as tmp:
+        for script in scripts:
+            rows = {}
+            for name, extra in RECIPES[script].items():
+                if script == "extractor":  # a cold cache: extraction is part of the time
+                    extra = extra + ["--feature-cache-dir", os.path.join(tmp, "cache-" + name)]
+                rows[name] = run(script, base + extra, os.path.join(tmp, script + name),
+                                 args.config)
+                wall, res = rows[name]
+                print(f"{script:9s} {name:8s} best val acc {res['best_val_accuracy']:.4f} "
+                      f"(epoch {res['best_epoch']}/{res['epochs']})  process {wall:7.1f} s  "
+                      f"in-script {res['wall_seconds']:7.1f} s", flush=True)
+            (tw, tres), (dw, dres) = rows["tutorial"], rows["defaults"]
+            print(f"{script:9s} defaults/tutorial: accuracy {dres['best_val_accuracy']:.4f} vs "
+                  f"{tres['best_val_accuracy']:.4f} "
+                  f"({'>=' if dres['best_val_accuracy'] >= tres['best_val_accuracy'] else '<'}), "
+                  f"time ratio process {dw / tw:.3f} (1/{tw / dw:.1f}), in-script "
+                  f"{dres['wall_seconds'] / tres['wall_seconds']:.3f} "
+                  f"(1/{tres['wall_seconds'] / dres['wall_seconds']:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
