@@ -29,7 +29,8 @@ def offline_env(tmp_path_factory):
     """Environment for subprocesses: no network, W&B offline, HF caches in a temp dir."""
     home = tmp_path_factory.mktemp("hf_home")
     env = dict(os.environ)
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    env.update(HF_HOME=str(home), XDG_CACHE_HOME=str(home / "xdg"),  # feature cache too
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)

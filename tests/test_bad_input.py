@@ -251,3 +251,15 @@ def test_resume_from_a_folder_we_did_not_write_is_refused(tmp_path, offline_env)
     proc, _ = train(tmp_path, offline_env, "--data-dir", root, "--resume-from-checkpoint", ckpt)
     assert_one_line_error(proc, f"--resume-from-checkpoint {ckpt}", "not a checkpoint written")
     assert not marker.exists()
+
+
+def test_hub_dataset_without_network_fails_fast_naming_local_options(tmp_path, offline_env):
+    import time
+
+    env = dict(offline_env)
+    env.pop("HF_HUB_OFFLINE")
+    env.pop("HF_DATASETS_OFFLINE")
+    t0 = time.time()
+    proc, _ = train(tmp_path, env, "--dataset", "beans")
+    assert_one_line_error(proc, "--dataset beans: could not load it", "--data-dir DIR")
+    assert time.time() - t0 < 60
