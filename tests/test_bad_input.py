@@ -262,4 +262,4 @@ def test_hub_dataset_without_network_fails_fast_naming_local_options(tmp_path, o
     t0 = time.time()
     proc, _ = train(tmp_path, env, "--dataset", "beans")
     assert_one_line_error(proc, "--dataset beans: could not load it", "--data-dir DIR")
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 120  # 10-35 s here, most of it imports; no endless retries
