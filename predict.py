@@ -19,7 +19,7 @@ import sys
 import torch
 
 from common.checkpoint import load_exported
-from common.data import IMG_EXTENSIONS, build_transforms, to_rgb
+from common.data import build_transforms, image_files, to_rgb
 from common.errors import UserError, cli
 
 
@@ -27,9 +27,7 @@ def list_images(paths):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            for dirpath, _, names in sorted(os.walk(path)):
-                files += [os.path.join(dirpath, n) for n in sorted(names)
-                          if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith(".")]
+            files += image_files(path)
         elif os.path.isfile(path):
             files.append(path)
         else:

@@ -35,6 +35,15 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 VAL_SPLIT_FALLBACKS = ("validation", "val", "valid", "test")
 
 
+def image_files(folder):
+    """Image files below `folder`, recursively and sorted, by ImageFolder's rules (its
+    extensions, hidden files skipped): one rule for training and for predict.py."""
+    return [os.path.join(dirpath, name)
+            for dirpath, _, names in sorted(os.walk(folder, followlinks=True))
+            for name in sorted(names)
+            if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")]
+
+
 def _scan_split(split_dir, flag):
     """(files, labels, classes) of one split folder, ImageFolder-style."""
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
@@ -43,11 +52,9 @@ def _scan_split(split_dir, flag):
                         f"{split_dir}/<class>/<image>)")
     files, labels = [], []
     for label, cls in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
-            for name in sorted(names):
-                if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
-                    files.append(os.path.join(dirpath, name))
-                    labels.append(label)
+        found = image_files(os.path.join(split_dir, cls))
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise UserError(f"{flag}: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
     return files, labels, classes
