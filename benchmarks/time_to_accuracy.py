@@ -3,6 +3,8 @@ and weights, on the ants/bees set. Prints best val accuracy, wall time and their
 
     python benchmarks/time_to_accuracy.py --script extractor          # ~10 min on 2 CPU cores
     python benchmarks/time_to_accuracy.py --script finetune           # ~30 min on 2 CPU cores
+    python benchmarks/time_to_accuracy.py --script finetune --seeds 0,1,2   # mean over seeds
+    python benchmarks/time_to_accuracy.py --script finetune --recipes tutorial --seeds 0,1,2
 
 Each run is `accelerate launch --config_file accelerate_configs/cpu.yaml <script> ...` in a
 fresh process; wall time is the whole process (start-up, data, extraction, training, eval),
@@ -51,30 +53,46 @@ def main():
         SHARED, "weights", "tf_efficientnet_lite0.in1k.safetensors"))
     p.add_argument("--data-dir", default=os.path.join(SHARED, "data", "hymenoptera_data"))
     p.add_argument("--config", default=os.path.join(REPO, "accelerate_configs", "cpu.yaml"))
+    p.add_argument("--recipes", default="tutorial,defaults",
+                   help="comma-separated subset of: tutorial, defaults")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (default: each script's own default seed)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scripts = ["extractor", "finetune"] if args.script == "both" else [args.script]
     base = ["--data-dir", args.data_dir, "--model", args.model, "--weights", args.weights]
+    recipes = args.recipes.split(",")
+    seeds = args.seeds.split(",") if args.seeds else [None]
     with tempfile.TemporaryDirectory() as tmp:
         for script in scripts:
-            rows = {}
-            for name, extra in RECIPES[script].items():
-                if script == "extractor":  # a cold cache: extraction is part of the time
-                    extra = extra + ["--feature-cache-dir", os.path.join(tmp, "cache-" + name)]
-                rows[name] = run(script, base + extra, os.path.join(tmp, script + name),
-                                 args.config)
-                wall, res = rows[name]
-                print(f"{script:9s} {name:8s} best val acc {res['best_val_accuracy']:.4f} "
-                      f"(epoch {res['best_epoch']}/{res['epochs']})  process {wall:7.1f} s  "
-                      f"in-script {res['wall_seconds']:7.1f} s", flush=True)
-            (tw, tres), (dw, dres) = rows["tutorial"], rows["defaults"]
-            print(f"{script:9s} defaults/tutorial: accuracy {dres['best_val_accuracy']:.4f} vs "
-                  f"{tres['best_val_accuracy']:.4f} "
-                  f"({'>=' if dres['best_val_accuracy'] >= tres['best_val_accuracy'] else '<'}), "
-                  f"time ratio process {dw / tw:.3f} (1/{tw / dw:.1f}), in-script "
-                  f"{dres['wall_seconds'] / tres['wall_seconds']:.3f} "
-                  f"(1/{tres['wall_seconds'] / dres['wall_seconds']:.1f})", flush=True)
-
+            rows = {name: [] for name in recipes}
+            for seed in seeds:
+                for name in recipes:
+                    extra = list(RECIPES[script][name])
+                    if seed is not None:
+                        extra += ["--seed", seed]
+                    tag = f"{script}-{name}-{seed}"
+                    if script == "extractor":  # a cold cache: extraction is part of the time
+                        extra += ["--feature-cache-dir", os.path.join(tmp, "cache-" + tag)]
+                    wall, res = run(script, base + extra, os.path.join(tmp, tag), args.config)
+                    rows[name].append((wall, res))
+                    print(f"{script:9s} {name:8s} seed {seed or 'default':7s} best val acc "
+                          f"{res['best_val_accuracy']:.4f} (epoch {res['best_epoch']}/"
+                          f"{res['epochs']})  process {wall:7.1f} s  in-script "
+                          f"{res['wall_seconds']:7.1f} s", flush=True)
+            mean = {name: (sum(r["best_val_accuracy"] for _, r in v) / len(v),
+                           sum(w for w, _ in v) / len(v),
+                           sum(r["wall_seconds"] for _, r in v) / len(v))
+                    for name, v in rows.items()}
+            for name, (acc, wall, inscript) in mean.items():
+                print(f"{script:9s} {name:8s} mean over {len(seeds)} seed(s): best val acc "
+                      f"{acc:.4f}, process {wall:.1f} s, in-script {inscript:.1f} s", flush=True)
+            if "tutorial" in mean and "defaults" in mean:
+                (ta, tw, ti), (da, dw, di) = mean["tutorial"], mean["defaults"]
+                print(f"{script:9s} defaults/tutorial: accuracy {da:.4f} vs {ta:.4f} "
+                      f"({'>=' if da >= ta else '<'}), time ratio process {dw / tw:.3f} "
+                      f"(1/{tw / dw:.1f}), in-script {di / ti:.3f} (1/{ti / di:.1f})",
+                      flush=True)
 
 if __name__ == "__main__":
     main()
