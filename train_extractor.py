@@ -50,7 +50,7 @@ def main(argv=None):
                                                      augment=cfg.feature_views != 0)
         run.update(head_name=head_name, frozen_backbone=True, channels_last=channels_last)
         trained = model
-    optimizer = build_optimizer(cfg, head.parameters())
+    optimizer = build_optimizer(cfg, head)
     return fit(accelerator, cfg, trained, optimizer, train_loader, val_loader, run, output_dir)
 
 

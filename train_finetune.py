@@ -4,6 +4,10 @@ Runs on CPU, one GPU, several GPUs or machines, in fp32/bf16/fp16, through Accel
     accelerate launch --config_file accelerate_configs/cpu.yaml train_finetune.py --data-dir DIR
     accelerate launch --config_file accelerate_configs/multi_gpu_bf16.yaml train_finetune.py \\
         --data-dir DIR --model timm:convnext_tiny
+Strategies: --freeze-epochs N (head only first, then every layer), --backbone-lr-mult F and
+--layer-decay D (lower learning rates for pretrained and earlier layers), --scheduler
+step|cosine|onecycle|constant with --warmup-epochs, --label-smoothing, --optimizer sgd|adamw
+with --weight-decay (not on biases and norm weights), --find-lr / --lr auto (LR range test).
 The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 (SGD, momentum 0.9,
 StepLR 7/0.1). Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 """
@@ -29,11 +33,14 @@ def main(argv=None):
                                                   cfg.pretrained, cfg.weights)
     train_loader, val_loader = build_dataloaders(train_ds, val_ds, preprocessing, cfg,
                                                  accelerator.num_processes)
-    optimizer = build_optimizer(cfg, model.parameters())  # all layers learn
+    # every layer is in the optimiser from the start, even while --freeze-epochs holds the
+    # backbone: frozen parameters get no gradient and are left alone until unfrozen
+    optimizer = build_optimizer(cfg, model, head_name)
     channels_last = use_channels_last(cfg, accelerator)
     run = dict(started=started, script="finetune", head_name=head_name, frozen_backbone=False,
-               class_names=class_names, preprocessing=preprocessing,
-               channels_last=channels_last, train_samples=len(train_ds), val_samples=len(val_ds))
+               freeze_epochs=cfg.freeze_epochs, class_names=class_names,
+               preprocessing=preprocessing, channels_last=channels_last,
+               train_samples=len(train_ds), val_samples=len(val_ds))
     return fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, output_dir)
 
 

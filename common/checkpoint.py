@@ -106,6 +106,7 @@ class TrainState:
         self.partial = None       # gathered (losses, preds, labels) of the current epoch
         self.tracker_run_id = None
         self.wall_seconds = 0.0   # time spent in earlier (interrupted) sessions
+        self.lr = None            # the peak lr chosen by --lr auto
 
     def state_dict(self):
         return dict(vars(self))

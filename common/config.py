@@ -20,6 +20,11 @@ from typing import Optional
 import yaml
 
 
+def float_or_auto(text):
+    """--lr: a number, or 'auto' (an LR range test picks it, see common/lr_finder.py)."""
+    return "auto" if str(text).strip().lower() == "auto" else float(text)
+
+
 def opt(default, help, **kwargs):
     """A config field with its help text (and optional argparse `choices`)."""
     return field(default=default, metadata=dict(help=help, **kwargs))
@@ -56,11 +61,16 @@ class TrainConfig:
                           "processes x gradient-accumulation-steps)")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimiser step")
     optimizer: str = opt("sgd", "optimiser", choices=("sgd", "adamw"))
-    lr: float = opt(0.01, "peak learning rate")
+    lr: float = opt(0.01, "peak learning rate of the head, or 'auto': run the LR range "
+                    "test (--find-lr) first and train with its suggestion", parse=float_or_auto)
     momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(0.0, "weight decay")
+    weight_decay: float = opt(0.0, "weight decay (never on biases and norm weights)")
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss (the val loss "
+                                 "stays plain cross-entropy)")
     scheduler: str = opt("cosine", "learning-rate schedule over the epochs, applied per "
-                         "optimiser step", choices=("cosine", "step", "constant"))
+                         "optimiser step (onecycle: torch's OneCycleLR shape, its rise "
+                         "lasting --warmup-epochs or 30%% of the epochs)",
+                         choices=("cosine", "step", "onecycle", "constant"))
     warmup_epochs: float = opt(0.0, "linear warmup from 0, in epochs (fractions allowed)")
     step_size: int = opt(7, "--scheduler step: epochs between decays (tutorial: 7)")
     gamma: float = opt(0.1, "--scheduler step: decay factor (tutorial: 0.1)")
@@ -69,6 +79,10 @@ class TrainConfig:
     channels_last: Optional[bool] = opt(None, "channels-last memory format; default: on "
                                         "(faster convolutions on GPUs and fp32 CPUs), except "
                                         "bf16 on CPUs without native bf16, where it is slower")
+    find_lr: bool = opt(False, "run an LR range test (exponential sweep, smoothed loss, stops "
+                        "on divergence), save lr_find.png/.json, print the suggestion and stop; "
+                        "the weights are restored after it. --lr auto runs it, then trains")
+    find_lr_steps: int = opt(100, "optimiser steps of the LR range test")
     # checkpoints
     checkpointing_steps: str = opt("epoch", "save the full training state every N optimiser "
                                    "steps, at the end of every 'epoch', or 'no'")
@@ -91,7 +105,13 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """train_finetune.py: every layer is trained."""
+    """train_finetune.py: every layer is trained (after --freeze-epochs of head only)."""
+
+    freeze_epochs: int = opt(0, "train only the new head for the first N epochs (backbone "
+                             "frozen, BatchNorm statistics included), then every layer")
+    backbone_lr_mult: float = opt(1.0, "backbone learning rate = head lr x this")
+    layer_decay: Optional[float] = opt(None, "layer-wise lr decay D (timm-style): a backbone "
+                                       "layer k below the top learns at lr x mult x D^k")
 
 
 @dataclass
@@ -138,7 +158,7 @@ def build_parser(cls, description):
         if t is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = t
+            kwargs["type"] = f.metadata.get("parse", t)
             kwargs["choices"] = f.metadata.get("choices")
         parser.add_argument(_flag(f.name), **kwargs)
     return parser
@@ -161,9 +181,10 @@ def _read_yaml(parser, path, cls):
         if name not in known:
             parser.error(f"--config {path}: unknown option '{key}'")
         t = _field_type(known[name])
-        if value is not None and t is not bool and not isinstance(value, t):
+        parse = known[name].metadata.get("parse", t)
+        if value is not None and t is not bool and (parse is not t or not isinstance(value, t)):
             try:
-                value = t(value)
+                value = parse(value)
             except (TypeError, ValueError):
                 parser.error(f"--config {path}: '{key}' should be {t.__name__}, got {value!r}")
         out[name] = value
@@ -176,7 +197,15 @@ def _validate(parser, cfg):
         (cfg.epochs >= 0, "--epochs must be >= 0"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1"),
-        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.lr == "auto" or cfg.lr > 0, "--lr must be > 0 (or auto)"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (cfg.find_lr_steps >= 5, "--find-lr-steps must be >= 5"),
+        (getattr(cfg, "freeze_epochs", 0) >= 0, "--freeze-epochs must be >= 0"),
+        (getattr(cfg, "backbone_lr_mult", 1) >= 0, "--backbone-lr-mult must be >= 0"),
+        (getattr(cfg, "layer_decay", None) is None or 0 < cfg.layer_decay <= 1,
+         "--layer-decay must be in (0, 1]"),
+        (not (cfg.scheduler == "onecycle" and cfg.epochs and cfg.warmup_epochs >= cfg.epochs),
+         "--warmup-epochs must be shorter than --epochs for --scheduler onecycle"),
         (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
         (cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
         (cfg.step_size >= 1, "--step-size must be >= 1"),

@@ -30,8 +30,9 @@ from common.checkpoint import (TrainState, append_jsonl, export_model, read_trai
 from common.data import set_epoch
 from common.errors import UserError
 from common.metrics import compute_metrics, load_metrics
-from common.models import set_train_mode
-from common.optim import build_scheduler
+from common.lr_finder import find_lr
+from common.models import freeze_backbone, set_train_mode
+from common.optim import build_scheduler, set_peak_lr
 from common.tracking import log_pictures, set_summary, start_run, tracker_run_id
 from common.viz import augmentation_preview_png, confusion_matrix_png, prediction_grid_png
 
@@ -67,7 +68,8 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
         x, y = _inputs(batch, run)
         with accelerator.accumulate(model):
             logits = model(x)
-            per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+            per_sample = F.cross_entropy(logits.float(), y, reduction="none",
+                                         label_smoothing=run["label_smoothing"])
             loss = per_sample.mean()
             # Summed over processes: the global batch's loss for the log, a NaN on any rank
             # reaches every rank, and so does a stop request, so all ranks act together.
@@ -86,10 +88,12 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
         parts.append(tuple(t.cpu() for t in g))
         state.batches_done += 1
         if accelerator.sync_gradients:
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (head)
+            lrs = _group_lrs(optimizer)
             scheduler.step()
             state.step += 1
             accelerator.log({"train/loss_step": global_loss, "train/lr": lr,
+                             **{f"train/lr_{k}": v for k, v in lrs.items() if k != "head"},
                              "epoch": state.epoch}, step=state.step)
             bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}")
             state.partial = _cat(parts)
@@ -98,6 +102,23 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
     state.partial = None
     return {"loss": losses.mean().item(), "accuracy": (preds == labels).float().mean().item(),
             "samples": len(labels)}
+
+
+def _group_lrs(optimizer):
+    """{group name: lr}, one entry per name (decay / no-decay halves share their lr)."""
+    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+
+
+def _set_frozen(accelerator, model, run, epoch):
+    """--freeze-epochs: head only before `epoch` freeze_epochs, every layer from then on.
+    A frozen parameter gets no gradient, so the optimiser skips it; DDP was built with
+    find_unused_parameters for this and leaves its .grad alone (common/runtime.py)."""
+    frozen = epoch < run["freeze_epochs"]
+    if frozen != run["frozen_backbone"]:
+        freeze_backbone(accelerator.unwrap_model(model), run["head_name"], frozen)
+        run["frozen_backbone"] = frozen
+        accelerator.print(f"epoch {epoch + 1}: " + ("head only (backbone and its BatchNorm "
+                          "statistics frozen)" if frozen else "every layer trains"))
 
 
 def _inputs(batch, run):
@@ -166,9 +187,21 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
     # images for the pictures (the loaders may serve cached features instead)
     run.setdefault("train_images", train_loader.dataset)
     run.setdefault("val_images", val_loader.dataset)
+    run.setdefault("label_smoothing", cfg.label_smoothing)
+    run.setdefault("freeze_epochs", 0)
+    state = TrainState()
+    if run["freeze_epochs"]:
+        _set_frozen(accelerator, model, run, 0)  # a resume sets the phase again below
+    if (cfg.find_lr or cfg.lr == "auto") and not cfg.resume_from_checkpoint:
+        # before the schedule exists: LambdaLR takes each group's peak lr when built
+        state.lr = find_lr(accelerator, model, optimizer, train_loader, run, cfg, _inputs,
+                           output_dir)
+        if cfg.lr != "auto":  # --find-lr alone: report and stop
+            accelerator.end_training()
+            return {"suggested_lr": state.lr}
+        set_peak_lr(optimizer, state.lr)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler)
     if cfg.resume_from_checkpoint:
         _resume(accelerator, cfg, output_dir, state)
@@ -179,7 +212,7 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
                       f"images, {len(run['class_names'])} classes; {accelerator.num_processes} "
                       f"process(es), {accelerator.mixed_precision} precision, global batch "
                       f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
-    config = dict(vars(cfg), script=run["script"], num_processes=accelerator.num_processes,
+    config = dict(vars(cfg), lr_found=state.lr, script=run["script"], num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=run["train_samples"],
                   val_samples=run["val_samples"], num_classes=len(run["class_names"]))
@@ -215,6 +248,8 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
         epoch_t0 = time.time()
         row = {"epoch": state.epoch + 1 if cfg.epochs else 0}
         if cfg.epochs:
+            if run["freeze_epochs"]:
+                _set_frozen(accelerator, model, run, state.epoch)
             set_epoch(train_loader, state.epoch)
             loader = (accelerator.skip_first_batches(train_loader, state.batches_done)
                       if state.batches_done else train_loader)
@@ -227,7 +262,8 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
         accelerator.print(_epoch_line("val", val_m))
         row.update({f"val_{k}": v for k, v in val_m.items()
                     if k not in ("confusion_matrix", "predictions")},
-                   lr=optimizer.param_groups[0]["lr"], seconds=time.time() - epoch_t0)
+                   lr=optimizer.param_groups[0]["lr"], lr_groups=_group_lrs(optimizer),
+                   seconds=time.time() - epoch_t0)
         accelerator.log({**{k.replace("_", "/", 1): v for k, v in row.items()
                             if isinstance(v, (int, float))},
                          **{f"val/{m}/{c}": v for c, d in val_m["per_class"].items()
@@ -266,7 +302,7 @@ def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, 
         val_samples=val_m["samples"], num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
         steps_per_epoch=steps_per_epoch, optimizer_steps=state.step,
-        wall_seconds=round(wall, 2), final_val_accuracy=val_m["accuracy"],
+        wall_seconds=round(wall, 2), lr=state.lr or cfg.lr, final_val_accuracy=val_m["accuracy"],
         final_val_loss=val_m["loss"], class_names=run["class_names"],
         best_val_per_class=best["val_per_class"], best_confusion_matrix=best["confusion_matrix"])
     set_summary(accelerator, {k: results[k] for k in ("best_val_accuracy", "best_val_loss",

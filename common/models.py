@@ -191,10 +191,11 @@ def build_model(name, num_classes, pretrained=True, weights=None):
     return model, head_name, preprocessing
 
 
-def freeze_backbone(model, head_name):
-    """Only the head's parameters train. BatchNorm statistics are kept by `set_train_mode`."""
+def freeze_backbone(model, head_name, frozen=True):
+    """Only the head's parameters train (frozen=False: all of them again). BatchNorm
+    statistics are kept by `set_train_mode`."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(head_name + "."))
+        p.requires_grad_(not frozen or name.startswith(head_name + "."))
 
 
 def set_train_mode(model, head_name, frozen_backbone):

@@ -13,7 +13,8 @@ import time
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs,
+                               broadcast_object_list, set_seed)
 
 from common.config import save_config
 from common.errors import UserError
@@ -96,6 +97,12 @@ def setup_run(cfg, script):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
+        # --freeze-epochs: DDP is built with every parameter trainable (a parameter frozen at
+        # construction would never be synchronised after unfreezing); while the backbone is
+        # frozen its parameters get no gradient, and find_unused_parameters lets DDP accept
+        # that and leave their .grad unset, so the optimiser does not touch them.
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=getattr(cfg, "freeze_epochs", 0) > 0)],
     )
     on_cpu = accelerator.device.type == "cpu"
     if on_cpu and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,3 +90,22 @@ def run_script(script, args, env, cwd=REPO, timeout=300):
     """`python script args` (no launcher), for argument and error checks."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A 'pretrained' test_resnet file whose BatchNorm statistics are far from the defaults
+    (mean 0, var 1), so any update of them during training would show."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=1000)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn_like(buf) * 0.5)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand_like(buf) + 0.5)
+    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

@@ -85,8 +85,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(data, uninterrupted
                                        signal.SIGTERM, after_step=4)
     assert code != 0
     assert "Stopped by SIGTERM: saved" in output and "--resume-from-checkpoint latest" in output
-    proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
-                                        "--resume-from-checkpoint", "latest"], offline_env)
+    launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
+                                  "--resume-from-checkpoint", "latest"], offline_env)
     res = json.load(open(out / "results.json"))
     assert res["final_val_accuracy"] == full["final_val_accuracy"]
     assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import launch, make_image_folder
 
@@ -19,24 +19,6 @@ RESULT_KEYS = {"best_val_accuracy", "best_epoch", "epochs", "train_samples", "va
 def read_results(out):
     with open(os.path.join(out, "results.json")) as fh:
         return json.load(fh)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """A 'pretrained' test_resnet file whose BatchNorm statistics are far from the defaults
-    (mean 0, var 1), so any update of them during training would show."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=1000)
-    for name, buf in model.named_buffers():
-        if name.endswith("running_mean"):
-            buf.copy_(torch.randn_like(buf) * 0.5)
-        elif name.endswith("running_var"):
-            buf.copy_(torch.rand_like(buf) + 0.5)
-    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
 
 
 @pytest.mark.parametrize("script", ["train_finetune.py", "train_extractor.py"])

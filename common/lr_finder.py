@@ -1,0 +1,116 @@
+"""LR range test (Smith 2015; fastai's lr_find, Lightning's Tuner.lr_find), safe under N
+processes.
+
+Train for `--find-lr-steps` optimiser steps while the learning rate grows exponentially from
+1e-7 to 10 (every group keeps its scale: backbone mult, layer decay), record the loss
+smoothed with an exponential moving average (debiased), stop early once it diverges (4x its
+minimum, or not finite), and suggest a tenth of the lr at the minimum smoothed loss: a step
+size still well inside the region where the loss falls fast.
+
+Multi-process: each step's loss is averaged over processes (`accelerator.reduce`) before any
+decision, so every rank sees the same curve, stops at the same step and suggests the same lr;
+the hangs seen in other finders come from ranks that disagree on when to stop.
+
+Afterwards the model (parameters and BatchNorm buffers), the optimiser state, the
+gradient-accumulation counter and the RNG states are restored exactly, so training that
+follows is the run you would get by passing the suggested lr yourself.
+"""
+
+import copy
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from common.data import set_epoch
+from common.errors import UserError
+from common.models import set_train_mode
+from common.optim import set_peak_lr
+
+START_LR, END_LR, BETA, DIVERGE = 1e-7, 10.0, 0.98, 4.0
+
+
+def _snapshot(accelerator, model, optimizer):
+    module = accelerator.unwrap_model(model)
+    return dict(model={k: v.detach().clone() for k, v in module.state_dict().items()},
+                optimizer=copy.deepcopy(optimizer.state_dict()),
+                scaler=copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler
+                else None,
+                cpu_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _restore(accelerator, model, optimizer, saved):
+    accelerator.unwrap_model(model).load_state_dict(saved["model"])  # copies in place
+    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.zero_grad(set_to_none=True)
+    if saved["scaler"] is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["cpu_rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    accelerator.step = 0  # gradient-accumulation counter: the next batch opens a window
+
+
+def suggest(lrs, smoothed):
+    """A tenth of the lr at the minimum smoothed loss."""
+    best = min(range(len(smoothed)), key=smoothed.__getitem__)
+    return lrs[best] / 10
+
+
+def find_lr(accelerator, model, optimizer, loader, run, cfg, inputs, output_dir):
+    """Run the range test on the prepared model/optimizer/loader; return the suggested peak
+    lr (of the head; the other groups scale with it). Writes lr_find.json and lr_find.png."""
+    steps = cfg.find_lr_steps
+    saved = _snapshot(accelerator, model, optimizer)
+    model.train()
+    set_train_mode(accelerator.unwrap_model(model), run["head_name"], run["frozen_backbone"])
+    lrs, raw, smoothed = [], [], []
+    avg, window, epoch = 0.0, [], 0
+    while len(lrs) < steps:
+        set_epoch(loader, epoch)
+        for batch in loader:
+            if not window:  # first micro-batch of an optimiser step: its lr
+                lr = START_LR * (END_LR / START_LR) ** (len(lrs) / (steps - 1))
+                set_peak_lr(optimizer, lr)
+            x, y = inputs(batch, run)
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            # the same number on every rank: every decision below is taken together
+            value = accelerator.reduce(torch.stack(window).mean(), "mean").item()
+            window = []
+            if not math.isfinite(value):
+                break
+            avg = BETA * avg + (1 - BETA) * value
+            lrs.append(lr)
+            raw.append(value)
+            smoothed.append(avg / (1 - BETA ** len(lrs)))
+            if smoothed[-1] > DIVERGE * min(smoothed) or len(lrs) >= steps:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    _restore(accelerator, model, optimizer, saved)
+    if len(lrs) < 5:
+        raise UserError(f"--find-lr: the loss diverged after {len(lrs)} steps, from lr "
+                        f"{START_LR:g}; check the data and model, or set --lr yourself")
+    lr = suggest(lrs, smoothed)
+    accelerator.print(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "
+                      f"minimum smoothed loss {min(smoothed):.4f} at lr {lr * 10:.2e}; "
+                      f"suggested --lr {lr:.2e} (a tenth of that)")
+    if accelerator.is_main_process:
+        from common.checkpoint import write_json
+        from common.viz import lr_find_png
+
+        write_json(os.path.join(output_dir, "lr_find.json"),
+                   dict(suggested_lr=lr, lr=lrs, loss=raw, smoothed_loss=smoothed))
+        lr_find_png(lrs, smoothed, lr, os.path.join(output_dir, "lr_find.png"))
+    return lr

@@ -1,0 +1,179 @@
+"""Fine-tuning strategies: freeze -> unfreeze, per-group learning rates, label smoothing,
+the LR range test; on 1 and 2 processes under `accelerate launch`."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from common.config import FinetuneConfig
+from common.optim import lr_factor, param_groups
+from conftest import launch
+
+TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0",
+        "--report-to", "none"]
+
+
+def rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def checkpoint_weights(out):
+    """Model tensors of every checkpoint, oldest first."""
+    folders = sorted(glob.glob(os.path.join(out, "checkpoints", "step-*")),
+                     key=lambda p: int(p.rsplit("-", 1)[1]))
+    return [load_file(os.path.join(f, "model.safetensors")) for f in folders]
+
+
+def test_param_groups_scale_lrs_and_skip_weight_decay_on_biases_and_norms():
+    model = torchvision.models.resnet18(num_classes=3)
+    cfg = FinetuneConfig(lr=0.1, backbone_lr_mult=0.1, layer_decay=0.5, weight_decay=1e-4)
+    groups = param_groups(model, "fc", cfg, cfg.lr)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(by_param) == len(named)  # every parameter, once
+    assert by_param[id(named["fc.weight"])]["lr"] == pytest.approx(0.1)
+    # torchvision ResNet layers, bottom to top: conv1, bn1, layer1.0 ... layer4.1, fc
+    assert by_param[id(named["layer4.1.conv2.weight"])]["lr"] == pytest.approx(0.1 * 0.1 * 0.5)
+    assert by_param[id(named["layer4.0.conv1.weight"])]["lr"] == pytest.approx(0.1 * 0.1 * 0.25)
+    assert by_param[id(named["conv1.weight"])]["lr"] == pytest.approx(0.1 * 0.1 * 0.5 ** 10)
+    for name, p in named.items():
+        assert by_param[id(p)]["weight_decay"] == (1e-4 if p.ndim > 1 else 0.0), name
+    assert groups[0]["name"] == "head"
+
+
+def test_onecycle_rises_then_anneals():
+    cfg = FinetuneConfig(scheduler="onecycle", epochs=10)
+    f = [lr_factor(cfg, s, 10) for s in range(100)]
+    assert f[0] == pytest.approx(1 / 25)
+    assert max(f) == pytest.approx(f[30], abs=1e-3) and f[30] > 0.99  # peak after 30%
+    assert f[-1] < 0.01
+    assert all(a <= b for a, b in zip(f[:30], f[1:31]))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_freeze_epochs_keep_backbone_and_batchnorm_then_train_them(nproc, image_folder,
+                                                                   tiny_weights, tmp_path,
+                                                                   offline_env):
+    out = tmp_path / "run"
+    launch("train_finetune.py", ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
+                                 "--epochs", "3", "--freeze-epochs", "2",
+                                 "--checkpoints-total-limit", "0", "--output-dir", out],
+           offline_env, nproc=nproc)
+    start = load_file(tiny_weights)
+    after = checkpoint_weights(out)  # after epochs 1, 2, 3
+    assert len(after) == 3
+    backbone = [k for k in start if not k.startswith("fc.")]
+    for epoch in (0, 1):  # frozen: parameters and BatchNorm statistics bit-identical
+        changed = [k for k in backbone if not torch.equal(start[k], after[epoch][k])]
+        assert not changed, f"epoch {epoch + 1} changed {changed[:5]}"
+        assert not torch.equal(after[epoch]["fc.weight"], after[epoch - 1]["fc.weight"]
+                               if epoch else after[0]["fc.weight"] * 0)
+    assert not torch.equal(after[0]["fc.weight"], after[1]["fc.weight"])  # head learns
+    moved = [k for k in backbone if not torch.equal(after[1][k], after[2][k])]
+    assert any(k.endswith("running_mean") for k in moved)  # BN statistics update again
+    assert any(k.endswith("conv1.0.weight") for k in moved)  # first layer learns
+
+
+def test_resume_at_the_unfreeze_matches_the_uninterrupted_run(image_folder, tiny_weights,
+                                                              tmp_path, offline_env):
+    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs", "3",
+            "--freeze-epochs", "1", "--checkpoints-total-limit", "0", "--optimizer", "adamw",
+            "--lr", "0.003"]
+    full = tmp_path / "full"
+    launch("train_finetune.py", [*args, "--output-dir", full], offline_env)
+    first = sorted(glob.glob(str(full / "checkpoints" / "step-*")),
+                   key=lambda p: int(p.rsplit("-", 1)[1]))[0]  # end of the frozen epoch
+    resumed = tmp_path / "resumed"
+    launch("train_finetune.py", [*args, "--output-dir", resumed,
+                                 "--resume-from-checkpoint", first], offline_env)
+    a, b = json.load(open(full / "results.json")), json.load(open(resumed / "results.json"))
+    assert a["optimizer_steps"] == b["optimizer_steps"]
+    assert a["final_val_accuracy"] == b["final_val_accuracy"]
+    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], rel=1e-5)
+    wa, wb = checkpoint_weights(full)[-1], checkpoint_weights(resumed)[-1]
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def test_lr_of_each_group_follows_the_schedule_on_1_and_2_processes(image_folder, tmp_path,
+                                                                   offline_env):
+    args = ["--data-dir", image_folder, *TINY, "--no-pretrained", "--epochs", "3",
+            "--lr", "0.2", "--backbone-lr-mult", "0.1", "--layer-decay", "0.5",
+            "--warmup-epochs", "0.5", "--scheduler", "cosine", "--label-smoothing", "0.1",
+            "--checkpointing-steps", "no"]
+    cfg = FinetuneConfig(epochs=3, warmup_epochs=0.5, scheduler="cosine")
+    seen = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        launch("train_finetune.py", [*args, "--output-dir", out], offline_env, nproc=nproc)
+        seen[nproc] = [r["lr_groups"] for r in rows(out)]
+        steps_per_epoch = json.load(open(out / "results.json"))["steps_per_epoch"]
+        assert steps_per_epoch == (5 if nproc == 1 else 3)  # 18 images, batch 4 per process
+        for epoch, lrs in enumerate(seen[nproc], start=1):
+            f = lr_factor(cfg, epoch * steps_per_epoch, steps_per_epoch)  # after the epoch
+            # test_resnet: blocks 0-4 below the head; the top block gets 0.2 x 0.1 x 0.5
+            assert lrs["head"] == pytest.approx(0.2 * f)
+            assert lrs["backbone.4"] == pytest.approx(0.2 * 0.1 * 0.5 * f)
+            assert lrs["backbone.0"] == pytest.approx(0.2 * 0.1 * 0.5 ** 5 * f)
+    for one, two in zip(seen[1], seen[2]):
+        assert one.keys() == two.keys()
+        assert [one[k] for k in one] == pytest.approx([two[k] for k in one])
+
+
+def test_label_smoothing_changes_the_training_loss_only(image_folder, tmp_path, offline_env):
+    common = ["--data-dir", image_folder, *TINY, "--no-pretrained", "--epochs", "1",
+              "--checkpointing-steps", "no"]
+    out = {}
+    for ls in ("0", "0.2"):
+        out[ls] = tmp_path / f"ls{ls}"
+        launch("train_finetune.py", [*common, "--label-smoothing", ls, "--output-dir",
+                                     out[ls]], offline_env)
+    plain, smooth = rows(out["0"])[0], rows(out["0.2"])[0]
+    assert smooth["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-3)
+    # the val loss is plain cross-entropy: not inflated by the smoothing term
+    assert smooth["val_loss"] < plain["val_loss"] + 1.0
+
+
+def test_find_lr_on_2_processes_restores_the_weights_exactly(image_folder, tiny_weights,
+                                                             tmp_path, offline_env):
+    base = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
+            "--find-lr-steps", "12", "--checkpointing-steps", "no"]
+    probe = tmp_path / "probe"
+    proc = launch("train_finetune.py", [*base, "--find-lr", "--output-dir", probe],
+                  offline_env, nproc=2)
+    assert "suggested --lr" in proc.stdout
+    found = json.load(open(probe / "lr_find.json"))
+    assert 5 <= len(found["lr"]) <= 12 and found["suggested_lr"] > 0
+    assert os.path.getsize(probe / "lr_find.png") > 0
+    assert not (probe / "results.json").exists()  # --find-lr alone does not train
+    # --lr auto with --epochs 0: the range test runs, then the start model is evaluated and
+    # exported; it must be exactly the model of a run without the test
+    runs = {}
+    for name, extra in (("auto", ["--lr", "auto"]), ("plain", [])):
+        runs[name] = tmp_path / name
+        launch("train_finetune.py", [*base, *extra, "--epochs", "0", "--output-dir",
+                                     runs[name]], offline_env, nproc=2)
+    a = load_file(str(runs["auto"] / "best" / "model.safetensors"))
+    b = load_file(str(runs["plain"] / "best" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(runs["auto"] / "results.json"))["lr"] == pytest.approx(
+        found["suggested_lr"])
+
+
+def test_lr_auto_trains_as_if_given_the_suggested_lr(image_folder, tiny_weights, tmp_path,
+                                                     offline_env):
+    base = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs", "1",
+            "--find-lr-steps", "10", "--checkpointing-steps", "no"]
+    auto = tmp_path / "auto"
+    launch("train_finetune.py", [*base, "--lr", "auto", "--output-dir", auto], offline_env)
+    res = json.load(open(auto / "results.json"))
+    given = tmp_path / "given"
+    launch("train_finetune.py", [*base, "--lr", repr(res["lr"]), "--output-dir", given],
+           offline_env)
+    again = json.load(open(given / "results.json"))
+    assert again["final_val_loss"] == pytest.approx(res["final_val_loss"], rel=1e-6)
+    assert rows(given)[0]["train_loss"] == pytest.approx(rows(auto)[0]["train_loss"], rel=1e-6)
