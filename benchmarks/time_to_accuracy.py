@@ -23,11 +23,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
 TUTORIAL = ["--batch-size", "4", "--lr", "0.001", "--momentum", "0.9", "--scheduler", "step",
             "--step-size", "7", "--gamma", "0.1", "--epochs", "25", "--no-channels-last",
-            "--checkpointing-steps", "no"]
+            "--optimizer", "sgd", "--weight-decay", "0", "--warmup-epochs", "0",
+            "--label-smoothing", "0", "--checkpointing-steps", "no"]
+FINETUNE_TUTORIAL = TUTORIAL + ["--freeze-epochs", "0", "--backbone-lr-mult", "1"]
 RECIPES = {
     "extractor": {"tutorial": TUTORIAL + ["--no-cache-features", "--feature-views", "1"],
                   "defaults": []},
-    "finetune": {"tutorial": TUTORIAL, "defaults": []},
+    "finetune": {"tutorial": FINETUNE_TUTORIAL, "defaults": []},
 }
 
 
