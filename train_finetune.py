@@ -28,6 +28,10 @@ def main(argv=None):
     started = time.time()
     cfg = parse_config(FinetuneConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "finetune")
+    if 0 < cfg.epochs <= cfg.freeze_epochs:
+        accelerator.print(f"warning: --epochs {cfg.epochs} <= --freeze-epochs "
+                          f"{cfg.freeze_epochs}: only the head trains; pass --freeze-epochs 0 "
+                          "(or more --epochs) to train every layer")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     model, head_name, preprocessing = build_model(cfg.model, len(class_names),
                                                   cfg.pretrained, cfg.weights)

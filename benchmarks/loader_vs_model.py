@@ -5,12 +5,17 @@ against the bare model's forward+backward throughput, same batch size and precis
 
 Prints images/s for the loader with 0..N workers and for the model (fp32, channels-last
 as the scripts choose, and bf16 when --bf16). The model is starved when the loader's img/s
-at the chosen worker count is below the model's.
+at the chosen worker count is below the model's. With --train, it also launches
+train_finetune.py (accelerate_configs/cpu.yaml, its defaults, 2 epochs at this batch size)
+and compares the training loop's img/s (epoch 2, from metrics.jsonl) with the bare model's.
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -55,6 +60,24 @@ def model_rate(model, batch_size, size, channels_last, bf16, steps=4):
     return steps * batch_size / (time.time() - t0)
 
 
+def train_rate(args):
+    """Images/s of the real training loop: epoch 2 of a 2-epoch fine-tune (epoch 1 pays
+    the loader workers' start and the allocator's warm-up)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+               "--config_file", os.path.join(repo, "accelerate_configs", "cpu.yaml"),
+               os.path.join(repo, "train_finetune.py"), "--data-dir", args.data_dir,
+               "--model", args.model, "--no-pretrained", "--batch-size", str(args.batch_size),
+               "--epochs", "2", "--freeze-epochs", "0", "--checkpointing-steps", "no",
+               "--report-to", "none", "--output-dir", os.path.join(out, "run")]
+        subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ,
+                                                                      HF_HUB_OFFLINE="1"))
+        with open(os.path.join(out, "run", "metrics.jsonl")) as fh:
+            row = [json.loads(line) for line in fh][-1]
+    return row["train_samples"] / row["train_seconds"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +86,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", default="0,1", help="comma-separated worker counts")
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    p.add_argument("--train", action="store_true",
+                   help="also time the real training loop (fp32, channels-last) against it")
     args = p.parse_args()
     train, val, classes = load_image_folder(args.data_dir, 0.2, 0)
     model, _, pre = build_model(args.model, len(classes), pretrained=False)
@@ -75,6 +100,12 @@ def main():
             rate = model_rate(model, args.batch_size, pre["input_size"], cl, bf16)
             print(f"model fwd+bwd {'bf16' if bf16 else 'fp32'}"
                   f"{' channels-last' if cl else '              '}: {rate:7.1f} img/s")
+    if args.train:
+        bare = rate if not args.bf16 else model_rate(model, args.batch_size,
+                                                      pre["input_size"], True, False)
+        loop = train_rate(args)
+        print(f"training loop fp32 channels-last (train_finetune.py, epoch 2): {loop:7.1f} img/s"
+              f" = {loop / bare:.0%} of the bare model's fwd+bwd")
 
 
 if __name__ == "__main__":

@@ -105,11 +105,17 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """train_finetune.py: every layer is trained (after --freeze-epochs of head only)."""
+    """train_finetune.py: every layer is trained (after --freeze-epochs of head only).
+    Defaults measured on ants/bees with EfficientNet-Lite0 (benchmarks/README.md): one
+    head-only epoch, then 3 of every layer with the backbone at a tenth of the head's rate,
+    label smoothing 0.1; the best epoch comes early, later ones only overfit 244 images."""
 
-    freeze_epochs: int = opt(0, "train only the new head for the first N epochs (backbone "
+    epochs: int = opt(4, "training epochs, --freeze-epochs included (0: only evaluate)")
+    label_smoothing: float = opt(0.1, "label smoothing of the training loss (the val loss "
+                                 "stays plain cross-entropy)")
+    freeze_epochs: int = opt(1, "train only the new head for the first N epochs (backbone "
                              "frozen, BatchNorm statistics included), then every layer")
-    backbone_lr_mult: float = opt(1.0, "backbone learning rate = head lr x this")
+    backbone_lr_mult: float = opt(0.1, "backbone learning rate = head lr x this")
     layer_decay: Optional[float] = opt(None, "layer-wise lr decay D (timm-style): a backbone "
                                        "layer k below the top learns at lr x mult x D^k")
 
@@ -118,12 +124,14 @@ class FinetuneConfig(TrainConfig):
 class ExtractorConfig(TrainConfig):
     """train_extractor.py: only the new head is trained, so it takes a larger step size."""
 
-    lr: float = opt(0.01, "peak learning rate (only the linear head learns)")
-    epochs: int = opt(30, "training epochs (cheap with cached features; 0: only evaluate)")
+    lr: float = opt(0.03, "peak learning rate (only the linear head learns), or 'auto'",
+                    parse=float_or_auto)
+    epochs: int = opt(10, "training epochs (cheap with cached features; 0: only evaluate)")
     cache_features: bool = opt(True, "compute the frozen backbone's features once and train "
                                "the head on them (--no-cache-features: every epoch, on the fly)")
-    feature_views: int = opt(0, "training views per image: 0 = one un-augmented centre view; "
-                             "K >= 1 = K augmented views (epoch e uses view e mod K)")
+    feature_views: int = opt(1, "training views per image: 0 = one un-augmented centre view; "
+                             "K >= 1 = K augmented views (epoch e uses view e mod K); "
+                             "extraction costs K forward passes per training image")
     feature_cache_dir: Optional[str] = opt(None, "where cached features live (default: "
                                            "~/.cache/transfer-learning/features)")
 

@@ -253,8 +253,12 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
             set_epoch(train_loader, state.epoch)
             loader = (accelerator.skip_first_batches(train_loader, state.batches_done)
                       if state.batches_done else train_loader)
+            train_t0 = time.time()
             train_m = train_one_epoch(accelerator, model, loader, optimizer, scheduler, state,
                                       run, on_step)
+            # images/s of the whole loop (loading, forward, backward, step, gathers): what
+            # benchmarks/loader_vs_model.py compares with the bare model
+            train_m["seconds"] = time.time() - train_t0
             row.update({f"train_{k}": v for k, v in train_m.items()})
             accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}\n"
                               f"{_epoch_line('train', train_m)}")

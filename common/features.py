@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import tempfile
+import time
 
 import datasets
 import torch
@@ -131,6 +132,7 @@ def cached_feature_loaders(accelerator, cfg, model, head_name, train, val, prepr
         cached = load_file(path)
         accelerator.print(f"features: cached in {path}")
     else:
+        t0 = time.time()
         model = model.to(accelerator.device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -145,8 +147,11 @@ def cached_feature_loaders(accelerator, cfg, model, head_name, train, val, prepr
             os.close(fd)
             save_file(cached, tmp)
             os.replace(tmp, path)  # never a half-written cache entry
+        n = cached["train"].shape[0] * views + cached["val"].shape[0]
+        seconds = time.time() - t0
         accelerator.print(f"features: {tuple(cached['train'].shape)} train, "
-                          f"{tuple(cached['val'].shape)} val -> {path}")
+                          f"{tuple(cached['val'].shape)} val in {seconds:.1f} s "
+                          f"({n / seconds:.0f} img/s) -> {path}")
     loader_args = dict(batch_size=cfg.batch_size, num_workers=0,
                        generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = torch.utils.data.DataLoader(
