@@ -1,8 +1,8 @@
 """Time to accuracy: our defaults against the tutorial's recipe, side by side, same backbone
 and weights, on the ants/bees set. Prints best val accuracy, wall time and their ratios.
 
-    python benchmarks/time_to_accuracy.py --script extractor          # ~10 min on 2 CPU cores
-    python benchmarks/time_to_accuracy.py --script finetune           # ~30 min on 2 CPU cores
+    python benchmarks/time_to_accuracy.py --script extractor          # ~8 min on 2 CPU cores
+    python benchmarks/time_to_accuracy.py --script finetune           # ~17 min on 2 CPU cores
     python benchmarks/time_to_accuracy.py --script finetune --seeds 0,1,2   # mean over seeds
     python benchmarks/time_to_accuracy.py --script finetune --recipes tutorial --seeds 0,1,2
 
