@@ -70,6 +70,7 @@ def train_rate(args):
                os.path.join(repo, "train_finetune.py"), "--data-dir", args.data_dir,
                "--model", args.model, "--no-pretrained", "--batch-size", str(args.batch_size),
                "--epochs", "2", "--freeze-epochs", "0", "--checkpointing-steps", "no",
+               "--num-workers", str(args.train_workers),
                "--report-to", "none", "--output-dir", os.path.join(out, "run")]
         subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ,
                                                                       HF_HUB_OFFLINE="1"))
@@ -88,6 +89,8 @@ def main():
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     p.add_argument("--train", action="store_true",
                    help="also time the real training loop (fp32, channels-last) against it")
+    p.add_argument("--train-workers", type=int, default=-1,
+                   help="--num-workers of that training run (-1: the scripts' default)")
     args = p.parse_args()
     train, val, classes = load_image_folder(args.data_dir, 0.2, 0)
     model, _, pre = build_model(args.model, len(classes), pretrained=False)
