@@ -212,7 +212,8 @@ def fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, outpu
                       f"images, {len(run['class_names'])} classes; {accelerator.num_processes} "
                       f"process(es), {accelerator.mixed_precision} precision, global batch "
                       f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
-    config = dict(vars(cfg), lr_found=state.lr, script=run["script"], num_processes=accelerator.num_processes,
+    config = dict(vars(cfg), lr_found=state.lr, script=run["script"],
+                  num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=run["train_samples"],
                   val_samples=run["val_samples"], num_classes=len(run["class_names"]))
