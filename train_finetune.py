@@ -9,7 +9,8 @@ Strategies: --freeze-epochs N (head only first, then every layer), --backbone-lr
 step|cosine|onecycle|constant with --warmup-epochs, --label-smoothing, --optimizer sgd|adamw
 with --weight-decay (not on biases and norm weights), --find-lr / --lr auto (LR range test).
 The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --freeze-epochs 0
---backbone-lr-mult 1 --label-smoothing 0 (SGD, momentum 0.9, StepLR 7/0.1). Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
+--backbone-lr-mult 1 --label-smoothing 0 (SGD, momentum 0.9, StepLR 7/0.1).
+Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 """
 
 import time
