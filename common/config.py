@@ -48,7 +48,8 @@ class TrainConfig:
     strict_images: bool = opt(False, "stop on an unreadable image instead of skipping it "
                               "with a warning")
     num_workers: int = opt(-1, "DataLoader worker processes per training process "
-                           "(-1: one per spare CPU core, at most 8)")
+                           "(-1: the cores left after the training processes' torch threads, at most 8; "
+                           "0 when training on a CPU that torch already fills)")
     # model
     model: str = opt("resnet18", "backbone: a torchvision name (resnet18, torchvision:NAME) "
                      "or timm:NAME")

@@ -252,9 +252,15 @@ def _worker_ignores_stop_signals(worker_id):
 
 
 def default_num_workers(num_processes):
-    """One loader worker per CPU core left over after one core per training process."""
+    """Loader workers per training process, from the CPU cores nobody else uses. With a GPU,
+    one core per process drives it and the rest decode. Training on the CPU, every process
+    already runs torch's threads (`accelerate launch` sets --num_cpu_threads_per_process),
+    so a worker only steals compute from them: measured on 2 cores, EfficientNet-Lite0 trained
+    at 73% of its bare forward+backward rate with 1 worker and 87% with none, and
+    its features were extracted in 16.4 s with 1 worker, 14.4 s with none."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, cores // max(1, num_processes) - 1))
+    per_process = 1 if torch.cuda.is_available() else torch.get_num_threads()
+    return max(0, min(8, (cores - num_processes * per_process) // max(1, num_processes)))
 
 
 def num_workers(cfg, num_processes):
