@@ -106,6 +106,9 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, inputs, output_dir)
     accelerator.print(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "
                       f"minimum smoothed loss {min(smoothed):.4f} at lr {lr * 10:.2e}; "
                       f"suggested --lr {lr:.2e} (a tenth of that)")
+    if smoothed.index(min(smoothed)) == len(smoothed) - 1:
+        accelerator.print("note: the loss was still falling at the end of the sweep (no "
+                          "divergence), so the suggestion may be low; see lr_find.png")
     if accelerator.is_main_process:
         from common.checkpoint import write_json
         from common.viz import lr_find_png
