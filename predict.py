@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from common.checkpoint import load_exported
+from common.export import load_exported
 from common.data import build_transforms, image_files, to_rgb
 from common.errors import UserError, cli
 

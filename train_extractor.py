@@ -7,51 +7,58 @@ eval mode). Runs wherever Accelerate runs:
     accelerate launch --config_file accelerate_configs/cpu.yaml train_extractor.py --data-dir DIR
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml train_extractor.py \\
         --data-dir DIR --model timm:tf_efficientnet_lite0 --weights lite0.safetensors
-The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --feature-views 1
---no-cache-features. Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
+The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --no-cache-features
+--feature-views 25 (a new augmentation every epoch). Writes config.yaml, metrics.jsonl,
+results.json and best/ to --output-dir.
 """
 
 import time
 
-from common.config import ExtractorConfig, parse_config
-from common.data import build_dataloaders, load_data, num_workers
-from common.engine import fit
-from common.errors import cli
-from common.features import cached_feature_loaders
-from common.models import build_model, freeze_backbone
-from common.optim import build_optimizer
-from common.runtime import setup_run, use_channels_last
+STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wall time counts them
+
+from torch import nn  # noqa: E402
+
+from common.config import ExtractorConfig, parse_config  # noqa: E402
+from common.data import build_dataloaders, load_data, num_workers  # noqa: E402
+from common.engine import make_loss  # noqa: E402
+from common.errors import cli  # noqa: E402
+from common.features import cached_feature_loaders  # noqa: E402
+from common.models import build_model, freeze_backbone  # noqa: E402
+from common.optim import build_optimizer  # noqa: E402
+from common.runtime import Run, setup_run, use_channels_last  # noqa: E402
+from common.trainer import fit  # noqa: E402
 
 
 @cli
 def main(argv=None):
-    started = time.time()
     cfg = parse_config(ExtractorConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "extractor")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
-    model, head_name, preprocessing = build_model(cfg.model, len(class_names),
-                                                  cfg.pretrained, cfg.weights)
-    freeze_backbone(model, head_name)  # requires_grad only on the head
-    head = model.get_submodule(head_name)
+    built = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    freeze_backbone(built.model, built.head_names)  # requires_grad only on the heads
     channels_last = use_channels_last(cfg, accelerator)
-    run = dict(started=started, script="extractor", class_names=class_names,
-               preprocessing=preprocessing, train_samples=len(train_ds), val_samples=len(val_ds))
+    common = dict(script="extractor", export=built.model, model_heads=built.head_names,
+                  class_names=class_names, preprocessing=built.preprocessing,
+                  loss=make_loss(cfg.label_smoothing), started=STARTED)
     if cfg.cache_features:
-        train_loader, val_loader, train_images, val_images = cached_feature_loaders(
-            accelerator, cfg, model, head_name, train_ds, val_ds, preprocessing,
-            num_workers(cfg, accelerator.num_processes), channels_last)
-        # the head alone trains, on feature vectors; the export is the whole model
-        run.update(head_name="", frozen_backbone=False, channels_last=False,
-                   export_model=model, train_images=train_images, val_images=val_images)
-        trained = head
+        heads, train_loader, val_loader, train_images, val_images, info = \
+            cached_feature_loaders(accelerator, cfg, built.model, built.head_names, train_ds,
+                                   val_ds, built.preprocessing,
+                                   num_workers(cfg, accelerator.num_processes), channels_last)
+        # the heads alone train, on feature vectors; best/ holds the whole model
+        run = Run(trained=heads, head_names=(), channels_last=False, train_images=train_images,
+                  val_images=val_images, extra_results=info, **common)
+        optimizer = build_optimizer(cfg, heads)
     else:
-        train_loader, val_loader = build_dataloaders(train_ds, val_ds, preprocessing, cfg,
+        train_loader, val_loader = build_dataloaders(train_ds, val_ds, built.preprocessing, cfg,
                                                      accelerator.num_processes,
-                                                     augment=cfg.feature_views != 0)
-        run.update(head_name=head_name, frozen_backbone=True, channels_last=channels_last)
-        trained = model
-    optimizer = build_optimizer(cfg, head)
-    return fit(accelerator, cfg, trained, optimizer, train_loader, val_loader, run, output_dir)
+                                                     views=cfg.feature_views)
+        run = Run(trained=built.model, head_names=built.head_names,
+                  channels_last=channels_last, train_images=train_loader.dataset,
+                  val_images=val_loader.dataset, freeze_epochs=None, **common)
+        optimizer = build_optimizer(cfg, nn.ModuleList(
+            [built.model.get_submodule(h) for h in built.head_names]))
+    return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,20 @@ Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 
 import time
 
-from common.config import FinetuneConfig, parse_config
-from common.data import build_dataloaders, load_data
-from common.engine import fit
-from common.errors import cli
-from common.models import build_model
-from common.optim import build_optimizer
-from common.runtime import setup_run, use_channels_last
+STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wall time counts them
+
+from common.config import FinetuneConfig, parse_config  # noqa: E402
+from common.data import build_dataloaders, load_data  # noqa: E402
+from common.engine import make_loss  # noqa: E402
+from common.errors import cli  # noqa: E402
+from common.models import build_model  # noqa: E402
+from common.optim import build_optimizer  # noqa: E402
+from common.runtime import Run, setup_run, use_channels_last  # noqa: E402
+from common.trainer import fit  # noqa: E402
 
 
 @cli
 def main(argv=None):
-    started = time.time()
     cfg = parse_config(FinetuneConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "finetune")
     if 0 < cfg.epochs <= cfg.freeze_epochs:
@@ -34,19 +36,20 @@ def main(argv=None):
                           f"{cfg.freeze_epochs}: only the head trains; pass --freeze-epochs 0 "
                           "(or more --epochs) to train every layer")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
-    model, head_name, preprocessing = build_model(cfg.model, len(class_names),
-                                                  cfg.pretrained, cfg.weights)
-    train_loader, val_loader = build_dataloaders(train_ds, val_ds, preprocessing, cfg,
+    built = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    train_loader, val_loader = build_dataloaders(train_ds, val_ds, built.preprocessing, cfg,
                                                  accelerator.num_processes)
     # every layer is in the optimiser from the start, even while --freeze-epochs holds the
     # backbone: frozen parameters get no gradient and are left alone until unfrozen
-    optimizer = build_optimizer(cfg, model, head_name)
-    channels_last = use_channels_last(cfg, accelerator)
-    run = dict(started=started, script="finetune", head_name=head_name, frozen_backbone=False,
-               freeze_epochs=cfg.freeze_epochs, class_names=class_names,
-               preprocessing=preprocessing, channels_last=channels_last,
-               train_samples=len(train_ds), val_samples=len(val_ds))
-    return fit(accelerator, cfg, model, optimizer, train_loader, val_loader, run, output_dir)
+    optimizer = build_optimizer(cfg, built.model, built.head_names)
+    run = Run(script="finetune", trained=built.model, export=built.model,
+              head_names=built.head_names, model_heads=built.head_names,
+              class_names=class_names, preprocessing=built.preprocessing,
+              channels_last=use_channels_last(cfg, accelerator),
+              train_images=train_loader.dataset, val_images=val_loader.dataset,
+              loss=make_loss(cfg.label_smoothing), started=STARTED,
+              freeze_epochs=cfg.freeze_epochs)
+    return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)
 
 
 if __name__ == "__main__":

@@ -1,118 +1,95 @@
-"""Run-folder files, written atomically, and the exported best model.
+"""Full training state for `--resume-from-checkpoint`, in files that cannot carry code.
 
-Export format (`<run>/best/`): `model.safetensors` (fp32 weights, no pickle) and
-`model.json` (model name, class names, head name, preprocessing, the epoch and val metrics
-it was chosen at). `load_exported` rebuilds the network from these two files alone, with
-no training config, so `predict.py` and users' own code can load it.
+A checkpoint folder `checkpoints/step-N/` holds:
+    model.safetensors     the trained module's tensors
+    optimizer.pt          optimizer.state_dict() (tensors, numbers, strings), loaded with
+                          torch.load(weights_only=True)
+    train_state.json      TrainState (progress, best result, running train sums, lr, W&B
+                          run id, the world it was counted in) and the GradScaler's numbers
+    rng-R.json            process R's RNG states (python, numpy, torch CPU/CUDA) as numbers
+    best/                 the exported best model as of this checkpoint (hard links)
+    manifest.json         sha256 of every file
+No file is unpickled with code-running pickle: safetensors and JSON have no code, and
+`weights_only=True` refuses any pickle that names a function or class outside torch's
+allow-list. So a checkpoint folder from elsewhere can be wrong, but it cannot run code. The
+manifest is an integrity check (it catches a truncated or half-copied folder), not a
+security boundary: anyone can rewrite it. Every file is read once, checked against the
+manifest and parsed from those same bytes.
 
-Every write goes to a temporary name in the same folder and is renamed into place, so a
-crash never leaves a half-written file or a half-replaced model behind.
+Writes are atomic: a temporary folder, renamed into place, then the `latest` pointer.
+Resuming from an older checkpoint moves the abandoned later ones aside
+(`checkpoints/abandoned/`) and restores `best/` to what it was at that checkpoint.
 """
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
+import random
 import shutil
-import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 from common.errors import UserError
-
-EXPORT_FORMAT = 1
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _usual_mode(path, directory=False):
-    """mkstemp/mkdtemp create 0600/0700 entries; give the user's usual permissions."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def write_json(path, obj):
-    """Atomically replace `path` with `obj` as indented JSON."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    _usual_mode(tmp)
-    os.replace(tmp, path)
-
-
-def append_jsonl(path, obj):
-    with open(path, "a") as fh:
-        fh.write(json.dumps(obj) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def export_model(model, out_dir, meta):
-    """Write `model`'s weights and `meta` to `out_dir`, replacing any previous export whole."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    _usual_mode(tmp, directory=True)
-    # contiguous(): channels-last tensors are strided views that safetensors refuses.
-    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-             .contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(tmp, "model.safetensors"))
-    write_json(os.path.join(tmp, "model.json"), dict(format=EXPORT_FORMAT, **meta))
-    old = None
-    if os.path.isdir(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-        os.replace(out_dir, os.path.join(old, "x"))
-    os.replace(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_exported(path, device="cpu"):
-    """(model in eval mode, meta) from an export folder or a run folder (its `best/`)."""
-    from common.models import build_model
-
-    if os.path.isfile(os.path.join(path, "best", "model.json")):
-        path = os.path.join(path, "best")
-    meta_path = os.path.join(path, "model.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"{path}: no exported model here (expected model.json and "
-                        "model.safetensors, or a run folder with best/)")
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    model, _, _ = build_model(meta["model"], len(meta["class_names"]), pretrained=False)
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    return model.to(device).eval(), meta
-
-
-# --- full training state (resume) -------------------------------------------------------
+from common.export import cpu_state_dict
+from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+FORMAT = 2
 
 
+@dataclass
 class TrainState:
-    """What a checkpoint carries besides model, optimiser, scheduler and RNG states:
-    progress counters, the best result so far, the current epoch's partial train metrics and
-    the tracker run id. Registered with `accelerator.register_for_checkpointing`."""
+    """Training progress: everything a checkpoint carries besides tensors and RNG states."""
 
-    def __init__(self):
-        self.epoch = 0            # epoch in progress (0-based) = epochs completed
-        self.batches_done = 0     # batches of that epoch already trained on (per process)
-        self.step = 0             # optimiser steps so far
-        self.best = None          # dict of the best epoch's val metrics
-        self.partial = None       # gathered (losses, preds, labels) of the current epoch
-        self.tracker_run_id = None
-        self.wall_seconds = 0.0   # time spent in earlier (interrupted) sessions
-        self.lr = None            # the peak lr chosen by --lr auto
+    epoch: int = 0              # epoch in progress (0-based) = epochs completed
+    batches_done: int = 0       # batches of that epoch already trained on, per process
+    step: int = 0               # optimiser steps so far
+    best: Optional[dict] = None  # the best epoch's val metrics (and its predictions)
+    train_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct,
+    #                             samples of the epoch in progress, over all processes
+    tracker_run_id: Optional[str] = None
+    wall_seconds: float = 0.0   # time spent in earlier (interrupted) sessions
+    lr: Optional[float] = None  # the peak lr chosen by --lr auto
+    # the world `batches_done` and `step` were counted in
+    num_processes: int = 1
+    batch_size: int = 0
+    gradient_accumulation_steps: int = 1
 
-    def state_dict(self):
-        return dict(vars(self))
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
-    def load_state_dict(self, state):
-        vars(self).update(state)
+
+# --- saving -------------------------------------------------------------------------------
+
+def _rng_state():
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=[version, list(mt), gauss],
+                numpy=[name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                torch=torch.get_rng_state().tolist(),
+                cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()]
+                if torch.cuda.is_available() else [])
+
+
+def _set_rng_state(s):
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
 
 
 def _sha256(path):
@@ -127,25 +104,8 @@ def _write_manifest(ckpt):
     files = sorted(os.path.relpath(os.path.join(d, f), ckpt)
                    for d, _, fs in os.walk(ckpt) for f in fs)
     write_json(os.path.join(ckpt, MANIFEST),
-               {"written_by": "transfer-learning", "files": {f: _sha256(os.path.join(ckpt, f))
-                                                           for f in files}})
-
-
-def verify_checkpoint(ckpt):
-    """Refuse anything this tool did not write, or that changed since: Accelerate's state
-    files are pickles (RNG states, sampler), which must never come from elsewhere."""
-    manifest = os.path.join(ckpt, MANIFEST)
-    try:
-        with open(manifest) as fh:
-            files = json.load(fh)["files"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"--resume-from-checkpoint {ckpt}: not a checkpoint written by these "
-                        f"scripts (no valid {MANIFEST}); refusing to load its pickled state") from None
-    for rel, digest in files.items():
-        path = os.path.join(ckpt, rel)
-        if not os.path.isfile(path) or _sha256(path) != digest:
-            raise UserError(f"--resume-from-checkpoint {ckpt}: {rel} is missing or changed "
-                            "since it was written; pick another checkpoint")
+               {"written_by": "transfer-learning", "format": FORMAT,
+                "files": {f: _sha256(os.path.join(ckpt, f)) for f in files}})
 
 
 def _complete_checkpoints(root):
@@ -155,8 +115,56 @@ def _complete_checkpoints(root):
                   if d.startswith("step-") and os.path.isfile(os.path.join(root, d, MANIFEST)))
 
 
+_saved_here = set()  # checkpoint folders this process wrote (a step and an epoch end coincide)
+
+
+def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limit):
+    """All ranks (each writes its RNG states; the main one the rest) into a temporary folder,
+    then (main) a manifest, an atomic rename to checkpoints/step-N, the `latest` pointer, and
+    pruning to the last `total_limit`. A kill at any point leaves `latest` naming a complete
+    checkpoint. `state.train_sums` must already hold the sums over all processes."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    name = f"step-{state.step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    if final in _saved_here:
+        return final
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    write_json(os.path.join(tmp, f"rng-{accelerator.process_index}.json"), _rng_state())
+    if accelerator.is_main_process:
+        save_file(cpu_state_dict(accelerator.unwrap_model(model)),
+                  os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
+        write_json(os.path.join(tmp, "train_state.json"),
+                   dict(format=FORMAT, train_state=dataclasses.asdict(state), scaler=scaler))
+        best = os.path.join(output_dir, "best")
+        if os.path.isdir(best):  # best/ as of now: a resume restores it
+            os.makedirs(os.path.join(tmp, "best"))
+            for f in os.listdir(best):
+                link_or_copy(os.path.join(best, f), os.path.join(tmp, "best", f))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_manifest(tmp)
+        replace_dir(tmp, final)  # a folder of this name left by an abandoned run is replaced
+        write_text(os.path.join(root, "latest"), name + "\n")
+        for stale in os.listdir(root):  # leftovers of saves that were killed
+            if stale.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+        done = _complete_checkpoints(root)
+        for old in done[:-total_limit] if total_limit else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _saved_here.add(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --- loading ------------------------------------------------------------------------------
+
 def resolve_checkpoint(arg, output_dir):
-    """The checkpoint folder for `--resume-from-checkpoint latest|PATH`, verified."""
+    """The checkpoint folder for `--resume-from-checkpoint latest|PATH`."""
     if arg != "latest":
         path = arg
     else:
@@ -174,46 +182,129 @@ def resolve_checkpoint(arg, output_dir):
         path = os.path.join(root, name)
     if not os.path.isdir(path):
         raise UserError(f"--resume-from-checkpoint {path}: no such folder")
-    verify_checkpoint(path)
     return path
 
 
-def read_train_state(ckpt):
-    """TrainState fields of a verified checkpoint, before `accelerator.load_state`."""
-    state = TrainState()
-    state.load_state_dict(torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"),
-                                     weights_only=True))
-    return state
+@dataclass
+class Checkpoint:
+    """A checkpoint read, checked and parsed, not yet applied to anything."""
+
+    path: str
+    state: TrainState
+    model: dict
+    optimizer: dict
+    scaler: Optional[dict]
+    rng: dict            # process index -> RNG state
+    best: dict           # file name -> bytes of best/
 
 
-def save_checkpoint(accelerator, output_dir, state, total_limit):
-    """All ranks: `accelerator.save_state` into a temporary folder, then (main) a manifest,
-    an atomic rename to checkpoints/step-N, the `latest` pointer, and pruning to the last
-    `total_limit`. A kill at any point leaves `latest` naming a complete checkpoint."""
+def _refuse(path, rel, why):
+    return UserError(f"--resume-from-checkpoint {path}: {rel} {why}; refusing this "
+                     "checkpoint (pick another one, or start without it)")
+
+
+def read_checkpoint(path):
+    """Read every file of a checkpoint once, check it against the manifest, parse it with a
+    parser that cannot run code (JSON, safetensors, torch.load weights_only=True)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+        assert isinstance(files, dict) and manifest.get("format") == FORMAT
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"--resume-from-checkpoint {path}: not a checkpoint written by these "
+                        f"scripts (no valid {MANIFEST} of format {FORMAT})") from None
+    raw = {}
+    for rel, digest in files.items():
+        try:
+            with open(os.path.join(path, rel), "rb") as fh:
+                raw[rel] = fh.read()
+        except OSError:
+            raise _refuse(path, rel, "is missing") from None
+        if hashlib.sha256(raw[rel]).hexdigest() != digest:
+            raise _refuse(path, rel, "changed since it was written")
+
+    def parse(rel, kind):
+        if rel not in raw:
+            raise _refuse(path, rel, "is missing")
+        try:
+            if kind == "json":
+                return json.loads(raw[rel].decode("utf-8"))
+            if kind == "safetensors":
+                return load_safetensors_bytes(raw[rel])
+            return torch.load(io.BytesIO(raw[rel]), map_location="cpu", weights_only=True)
+        except Exception as e:  # the parsers' own errors, e.g. an UnpicklingError
+            raise _refuse(path, rel, f"is not a valid {kind} file "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+    doc = parse("train_state.json", "json")
+    if not isinstance(doc, dict) or not isinstance(doc.get("train_state"), dict):
+        raise _refuse(path, "train_state.json", "holds no train state")
+    rng, best = {}, {}
+    for rel in raw:
+        if rel.startswith("rng-") and rel.endswith(".json"):
+            rng[int(rel[4:-5])] = parse(rel, "json")
+        elif rel.startswith("best/"):
+            if rel.endswith(".json"):
+                parse(rel, "json")
+            elif rel.endswith(".safetensors"):
+                parse(rel, "safetensors")
+            best[rel[5:]] = raw[rel]
+    return Checkpoint(path=path, state=TrainState.from_dict(doc["train_state"]),
+                      model=parse("model.safetensors", "safetensors"),
+                      optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
+                      rng=rng, best=best)
+
+
+def set_aside_later_checkpoints(output_dir, step):
+    """Main process, on resume: checkpoints after `step` belong to the run being abandoned;
+    move them to checkpoints/abandoned/ so `latest` and pruning only see the new run."""
     root = os.path.join(output_dir, CHECKPOINTS)
-    name = f"step-{state.step:08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    if os.path.isdir(final):  # same point already saved (epoch end after a step checkpoint)
-        return final
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_manifest(tmp)
-        os.replace(tmp, final)
-        fd, ptr = tempfile.mkstemp(prefix=".tmp-", dir=root)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(name + "\n")
-        _usual_mode(ptr)
-        os.replace(ptr, os.path.join(root, "latest"))
-        for stale in os.listdir(root):  # leftovers of saves that were killed
-            if stale.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-        done = _complete_checkpoints(root)
-        for old in done[:-total_limit] if total_limit else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    later = [d for d in _complete_checkpoints(root) if int(d.split("-")[1]) > step]
+    if not later:
+        return
+    dest = os.path.join(root, "abandoned", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(dest, exist_ok=True)
+    for d in later:
+        os.replace(os.path.join(root, d), os.path.join(dest, d))
+    print(f"resuming at step {step}: moved the later checkpoints of the abandoned run "
+          f"({', '.join(later)}) to {dest}")
+
+
+def restore_best(output_dir, ckpt):
+    """Main process: best/ as it was when the checkpoint was taken (or none)."""
+    best = os.path.join(output_dir, "best")
+    if not ckpt.best:
+        shutil.rmtree(best, ignore_errors=True)
+        return
+    tmp = os.path.join(output_dir, ".tmp-best")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    usual_mode(tmp, directory=True)
+    for name, data in ckpt.best.items():
+        with open(os.path.join(tmp, name), "wb") as fh:
+            fh.write(data)
+    replace_dir(tmp, best)
+
+
+def apply_checkpoint(accelerator, ckpt, model, optimizer):
+    """Load the parsed tensors into the (prepared) model and optimiser, and the scaler. The
+    gradient-accumulation counter restarts: checkpoints are only taken right after an
+    optimiser step."""
+    accelerator.unwrap_model(model).load_state_dict(ckpt.model)
+    optimizer.load_state_dict(ckpt.optimizer)
+    if accelerator.scaler is not None and ckpt.scaler:
+        accelerator.scaler.load_state_dict(ckpt.scaler)
+    accelerator.step = 0
+
+
+def restore_rng(accelerator, ckpt, seed):
+    """This process's RNG states as saved (a process the checkpoint did not have keeps the
+    per-rank seed instead)."""
+    rng = ckpt.rng.get(accelerator.process_index)
+    if rng is not None:
+        _set_rng_state(rng)
+    else:
+        from common.runtime import seed_for_training
+
+        seed_for_training(accelerator, seed + ckpt.state.step)

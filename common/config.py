@@ -84,6 +84,8 @@ class TrainConfig:
                         "on divergence), save lr_find.png/.json, print the suggestion and stop; "
                         "the weights are restored after it. --lr auto runs it, then trains")
     find_lr_steps: int = opt(100, "optimiser steps of the LR range test")
+    log_every: int = opt(10, "log the training loss every N optimiser steps (and at each epoch "
+                         "end); the loop syncs with the host only then")
     # checkpoints
     checkpointing_steps: str = opt("epoch", "save the full training state every N optimiser "
                                    "steps, at the end of every 'epoch', or 'no'")
@@ -135,6 +137,10 @@ class ExtractorConfig(TrainConfig):
                              "extraction costs K forward passes per training image")
     feature_cache_dir: Optional[str] = opt(None, "where cached features live (default: "
                                            "~/.cache/transfer-learning/features)")
+    extract_precision: str = opt("auto", "precision of the frozen backbone's forward when "
+                                 "caching features (auto: bf16 on GPUs and CPUs with native "
+                                 "bf16, else fp32; features are stored in fp32)",
+                                 choices=("auto", "fp32", "bf16"))
 
 
 def _flag(name):
@@ -209,6 +215,7 @@ def _validate(parser, cfg):
         (cfg.lr == "auto" or cfg.lr > 0, "--lr must be > 0 (or auto)"),
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (cfg.find_lr_steps >= 5, "--find-lr-steps must be >= 5"),
+        (cfg.log_every >= 1, "--log-every must be >= 1"),
         (getattr(cfg, "freeze_epochs", 0) >= 0, "--freeze-epochs must be >= 0"),
         (getattr(cfg, "backbone_lr_mult", 1) >= 0, "--backbone-lr-mult must be >= 0"),
         (getattr(cfg, "layer_decay", None) is None or 0 < cfg.layer_decay <= 1,

@@ -124,6 +124,9 @@ def load_hub_dataset(cfg):
                             f"pick one with {flag}")
     val_name = next((s for s in (cfg.val_split, *VAL_SPLIT_FALLBACKS)
                      if s in dd and s != cfg.train_split), None)
+    if val_name is not None and val_name != cfg.val_split:
+        print(f"--dataset {name}: no '{cfg.val_split}' split, so '{val_name}' selects the "
+              f"best epoch and is reported as val (pass --val-split to choose another)")
     splits = {"train": train} if val_name is None else {"train": train, "val": dd[val_name]}
     for key, ds in splits.items():
         ds = ds.select_columns([cfg.image_column, cfg.label_column])
@@ -131,22 +134,45 @@ def load_hub_dataset(cfg):
         if not isinstance(ds.features["image"], datasets.Image):
             ds = ds.cast_column("image", datasets.Image())
         splits[key] = ds
-    train = splits["train"]
-    if not isinstance(train.features["label"], datasets.ClassLabel):
-        train = train.class_encode_column("label")
-    classes = train.features["label"].names
+    train, classes = _encode_labels(splits["train"], f"--dataset {name}", "train")
     if "val" not in splits:
         train, val = _split_off_val(train, cfg.val_fraction, cfg.seed,
                                     f"--dataset {name} has no validation split")
     else:
-        val = splits["val"]
-        if isinstance(val.features["label"], datasets.ClassLabel):
-            if val.features["label"].names != classes:
-                raise UserError(f"--dataset {name}: the train and validation splits name "
-                                "different classes")
-        else:
-            val = val.cast_column("label", datasets.ClassLabel(names=classes))
+        val, val_classes = _encode_labels(splits["val"], f"--dataset {name}", val_name, classes)
+        if val_classes != classes:
+            raise UserError(f"--dataset {name}: the train and {val_name} splits name "
+                            "different classes")
     return train, val, classes
+
+
+def _encode_labels(ds, flag, split, classes=None):
+    """(ds with a ClassLabel 'label' column, class names). Labels that are not a ClassLabel
+    (ints or strings) are mapped through one value -> index table made from train (sorted
+    numerically for ints, alphabetically for strings) and applied to val as it is, so that
+    train and val always agree (datasets' class_encode_column would sort ints as text,
+    "10" before "2", and leave val's raw ints alone)."""
+    feature = ds.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return ds, feature.names
+    values = ds["label"]  # the label column only (ints or strings), not the images
+    if classes is None:
+        kinds = {type(v) for v in values}
+        if len(kinds) > 1:
+            raise UserError(f"{flag}: the {split} labels mix types ({', '.join(sorted(k.__name__ for k in kinds))}); "
+                            "make them all strings or all integers")
+        classes = [str(v) for v in sorted(set(values))]
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise UserError(f"{flag}: the {split} split has labels that train does not "
+                        f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); "
+                        "every class needs training images")
+    encoded = [index[str(v)] for v in values]
+    # replace the column (no copy of the image bytes, as map() would make)
+    ds = ds.remove_columns("label").add_column(
+        "label", encoded, feature=datasets.ClassLabel(names=classes))
+    return ds, classes
 
 
 def _check_image(source):
@@ -183,6 +209,21 @@ def drop_unreadable(ds, split, strict):
     return ds.select([i for i in range(len(ds)) if i not in bad_rows])
 
 
+def image_identities(split, chunk=1000):
+    """One string per image for cache keys: path|size|mtime for files on disk, or the
+    dataset's fingerprint when the images are stored in it (Hub/parquet datasets). Reads the
+    image column a chunk at a time, paths only: nothing is decoded."""
+    raw = split.cast_column("image", datasets.Image(decode=False))
+    if len(raw) and raw[0]["image"].get("bytes") is not None:
+        return [split._fingerprint]
+    out = []
+    for start in range(0, len(raw), chunk):
+        for src in raw[start:start + chunk]["image"]:
+            st = os.stat(src["path"])
+            out.append(f"{os.path.abspath(src['path'])}|{st.st_size}|{st.st_mtime_ns}")
+    return out
+
+
 def to_rgb(img):
     """RGB from any mode: grayscale, palette, RGBA, CMYK (PIL's conversions), and 16/32-bit
     integer or float images, which PIL's convert("RGB") clips to white: rescaled to 8 bits."""
@@ -211,14 +252,15 @@ class ImageDataset(torch.utils.data.Dataset):
     """A split for the DataLoader: decode -> RGB -> transform, as {"pixel_values", "labels"}.
 
     With `seed` set (training), sample i of epoch e is augmented under its own RNG seed
-    (seed, e, i), in a forked RNG so the global RNG is untouched. Augmentation is then a pure
+    (seed, e, i), in a forked RNG so the global RNG is untouched (with `views` K: (seed,
+    e mod K, i), K fixed augmentations cycled over the epochs). Augmentation is then a pure
     function of the data, not of the worker count, the process count, or where a resumed run
     picked up: what makes `--resume-from-checkpoint` land on exactly the same result.
     `epoch` is shared memory, so loader workers see the epoch the main process sets.
     """
 
-    def __init__(self, split, transform, seed=None):
-        self.split, self.transform, self.seed = split, transform, seed
+    def __init__(self, split, transform, seed=None, views=None):
+        self.split, self.transform, self.seed, self.views = split, transform, seed, views
         self.epoch = mp.Value("i", 0, lock=False)
 
     def __len__(self):
@@ -230,9 +272,12 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.seed is None:
             x = self.transform(img)
         else:
+            # --feature-views K: K augmentations per image, epoch e uses view e mod K (what
+            # the extractor's cached features hold)
+            view = self.epoch.value % self.views if self.views else self.epoch.value
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(np.random.SeedSequence(
-                    [self.seed, self.epoch.value, i]).generate_state(1)[0]))
+                    [self.seed, view, i]).generate_state(1)[0]))
                 x = self.transform(img)
         return {"pixel_values": x, "labels": row["label"], "index": i}
 
@@ -267,20 +312,22 @@ def num_workers(cfg, num_processes):
     return cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
 
 
-def build_dataloaders(train, val, preprocessing, cfg, num_processes, augment=True):
+def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None):
     """Train (shuffled) and eval DataLoaders, before `accelerator.prepare`. The shuffle order
     comes from Accelerate's seedable sampler (see runtime.py), seeded with --seed + epoch.
-    `augment=False` trains on the evaluation transform (centre crop)."""
+    `views`: None = a new augmentation every epoch; K >= 1 = K augmentations per image,
+    cycled; 0 = no augmentation (the evaluation transform, centre crop)."""
     train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
-    train_tf = train_tf if augment else eval_tf
+    train_tf = eval_tf if views == 0 else train_tf
     workers = num_workers(cfg, num_processes)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                   worker_init_fn=_worker_ignores_stop_signals,
                   # a private generator: creating an iterator never draws from the global RNG
                   generator=torch.Generator().manual_seed(cfg.seed))
-    train_loader = torch.utils.data.DataLoader(ImageDataset(train, train_tf, seed=cfg.seed),
-                                               shuffle=True, **common)
+    train_loader = torch.utils.data.DataLoader(
+        ImageDataset(train, train_tf, seed=None if views == 0 else cfg.seed, views=views),
+        shuffle=True, **common)
     val_loader = torch.utils.data.DataLoader(ImageDataset(val, eval_tf), shuffle=False, **common)
     return train_loader, val_loader
 

@@ -1,20 +1,30 @@
 """Extractor fast path: the frozen backbone's features, computed once, cached, reused.
 
 A frozen backbone in eval mode is a fixed function, so recomputing it on every image in every
-epoch (as the tutorial does) is wasted work. Here each image goes through the backbone once
-per view: the extraction is sharded across processes and gathered exactly
-(`gather_for_metrics`, sorted back to dataset order), every rank holds the same features, and
-the main process stores them in a cache file keyed by everything that determines them. The
-head then trains on the cached vectors in milliseconds per epoch, with the same loop, sampler
-and seeds as the on-the-fly path, and the exported model is the backbone with that head.
+epoch (as the tutorial does) is wasted work. Here each image goes through the model once per
+view; forward pre-hooks on the classifier heads capture what the heads receive (the pooled
+features; for distilled models with `head` and `head_dist`, both token features side by
+side). The extraction is sharded across processes, gathered exactly, and written by each
+machine's main process into a cache file, memory-mapped, so N x views x dim floats need not
+fit in RAM. The heads then train on the cached vectors (`FeatureHeads`: each head on its
+slice, outputs averaged, as timm's distilled models combine them in eval), with the same
+loop, sampler and seeds as the on-the-fly path, and the exported model is the whole network.
 
 Views (`--feature-views K`): 0 caches one un-augmented centre view per training image (a
 linear probe); K >= 1 caches K augmented views (view v = the augmentation of epoch v) and
-epoch e trains on view e mod K. Validation always has one centre view.
+epoch e trains on view e mod K, exactly as `--no-cache-features --feature-views K` does on
+the fly. Validation always has one centre view.
 
-Cache key: sha256 of the backbone's tensors, the model name, the preprocessing, the views,
-crop scale and seed, and each image's path, size and mtime (or the Hub dataset fingerprint):
-a changed image, model, weights file or transform never reuses stale features.
+Precision (`--extract-precision`): the forward runs in bf16 where the device computes it
+natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32; features are stored in
+fp32 either way.
+
+Cache key: sha256 of the backbone's tensors, the model name, the preprocessing, views, crop
+scale, seed, extraction precision, channels-last and device type, and each image's identity
+(path, size, mtime; or the dataset's fingerprint): a changed image, model, weights file,
+transform or numeric setting never reuses stale features. Whether the cache hits is decided
+together: every process reports whether it sees the file and it is a hit only if all do, so
+processes never disagree (separate home folders per node, a concurrent writer) and hang.
 """
 
 import contextlib
@@ -25,13 +35,18 @@ import os
 import tempfile
 import time
 
-import datasets
 import torch
 from accelerate.data_loader import prepare_data_loader
-from safetensors.torch import load_file, save_file
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
-from common.data import ImageDataset, build_transforms
+from common import mmap_tensors
+from common.data import ImageDataset, build_transforms, image_identities
+from common.errors import UserError
+from common.models import in_heads
+from common.runtime import cpu_has_native_bf16
+
+FORMAT = 2
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -49,109 +64,179 @@ class FeatureDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.features[i, v], "labels": int(self.labels[i]), "index": i}
 
 
+class FeatureHeads(nn.Module):
+    """The model's own head modules on cached features: head k reads its slice of the
+    feature vector; their outputs are averaged (one head: just that head)."""
+
+    def __init__(self, heads, dims):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.dims = list(dims)
+
+    def forward(self, features):
+        outs = [h(f) for h, f in zip(self.heads, features.split(self.dims, dim=-1))]
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+
+
 @contextlib.contextmanager
-def headless(model, head_name):
-    """The model with its head replaced by Identity: it outputs the pooled features."""
-    parent_name, _, child = head_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    head = getattr(parent, child)
-    setattr(parent, child, nn.Identity())
+def head_inputs(model, head_names):
+    """While active, `captured` holds what each head received in the last forward."""
+    captured = [None] * len(head_names)
+
+    def hook(k):
+        def capture(module, args):
+            captured[k] = args[0].flatten(1)
+        return capture
+
+    handles = [model.get_submodule(h).register_forward_pre_hook(hook(k))
+               for k, h in enumerate(head_names)]
     try:
-        yield model
+        yield captured
     finally:
-        setattr(parent, child, head)
+        for handle in handles:
+            handle.remove()
 
 
-def _image_identity(split):
-    """Per-image identity for the cache key: path + size + mtime for files on disk, the
-    Arrow fingerprint for images stored in the dataset itself."""
-    raw = split.cast_column("image", datasets.Image(decode=False))["image"]
-    out = []
-    for src in raw:
-        if src.get("bytes") is not None:
-            return [split._fingerprint]
-        st = os.stat(src["path"])
-        out.append(f"{os.path.abspath(src['path'])}|{st.st_size}|{st.st_mtime_ns}")
-    return out
+def extract_precision(cfg, device):
+    """'bf16' or 'fp32' for the frozen backbone's forward (--extract-precision auto: bf16
+    where the device has it natively, where it is ~2x faster than fp32)."""
+    if cfg.extract_precision != "auto":
+        return cfg.extract_precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
-def cache_key(model, head_name, cfg, preprocessing, train, val):
+def cache_key(model, head_names, cfg, preprocessing, identities, settings):
+    """The cache entry's name: a hash of everything the features depend on."""
     h = hashlib.sha256()
     h.update(json.dumps(dict(model=cfg.model, preprocessing=preprocessing,
                              views=cfg.feature_views, crop_scale=cfg.train_crop_scale,
-                             seed=cfg.seed, format=1), sort_keys=True).encode())
+                             seed=cfg.seed, format=FORMAT, **settings),
+                        sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
-        if not name.startswith(head_name + "."):
+        if not in_heads(name, head_names):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for split in (train, val):
-        h.update("\n".join(_image_identity(split)).encode())
+    for ids in identities:
+        h.update("\n".join(ids).encode())
+        h.update(b"\0")
     return h.hexdigest()[:32]
 
 
+def _autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def _extract(accelerator, model, dataset, views, cfg, workers, channels_last):
-    """[N, views, dim] features of `dataset` (an ImageDataset), every rank the same."""
-    out = []
+def _probe(model, head_names, example, device):
+    """(feature dims of each head) from one image in fp32, checking that the heads applied
+    to the captured inputs and averaged reproduce the model's output: what training on
+    cached features assumes."""
+    with head_inputs(model, head_names) as captured:
+        out = model(example[None].to(device)).float()
+    dims = [c.shape[1] for c in captured]
+    heads = FeatureHeads([model.get_submodule(h) for h in head_names], dims)
+    again = heads(torch.cat(captured, dim=1)).float()
+    if again.shape != out.shape or not torch.allclose(again, out, rtol=1e-3, atol=1e-4):
+        raise UserError(f"this model's output is not its classifier heads ({', '.join(head_names)}) "
+                        "applied to their inputs, so cached features cannot reproduce it; "
+                        "pass --no-cache-features")
+    return dims
+
+
+@torch.no_grad()
+def _extract(accelerator, model, head_names, dataset, views, cfg, workers, channels_last,
+             precision, rows):
+    """Features of `dataset` for each view, written by this machine's main process into
+    `rows` ([N, views, dim] memmap; None elsewhere). Batches go to the model's device."""
+    device = accelerator.device
     for v in range(views):
         dataset.epoch.value = v  # view v = the augmentation of epoch v
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
                                              num_workers=workers, shuffle=False)
-        loader = prepare_data_loader(loader, accelerator.device,
-                                     num_processes=accelerator.num_processes,
-                                     process_index=accelerator.process_index)
-        parts = []
+        loader = prepare_data_loader(loader, device, num_processes=accelerator.num_processes,
+                                     process_index=accelerator.process_index,
+                                     put_on_device=True)
         for batch in loader:
             x = batch["pixel_values"]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with accelerator.autocast():
-                f = model(x).float()
-            parts.append([t.cpu() for t in accelerator.gather_for_metrics((f, batch["index"]))])
-        feats = torch.cat([p[0] for p in parts])
-        index = torch.cat([p[1] for p in parts])
-        out.append(feats[index.argsort()])
-    return torch.stack(out, dim=1)
+            with head_inputs(model, head_names) as captured, _autocast(device, precision):
+                model(x)
+            f = torch.cat(captured, dim=1).float()
+            # exact: the padding of the last batch is dropped; rows land at their index
+            f, index = accelerator.gather_for_metrics((f, batch["index"]))
+            if rows is not None:
+                rows[index.cpu().numpy(), v] = f.cpu().numpy()
 
 
-def cached_feature_loaders(accelerator, cfg, model, head_name, train, val, preprocessing,
-                           workers, channels_last):
-    """(train_loader, val_loader, train_images) over cached features; extracts them first
-    when the cache has no entry for this exact model, data and transform."""
-    train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
-    views = max(cfg.feature_views, 1)
-    train_images = (ImageDataset(train, train_tf, seed=cfg.seed) if cfg.feature_views
-                    else ImageDataset(train, eval_tf))
-    val_images = ImageDataset(val, eval_tf)
-    cache_dir = cfg.feature_cache_dir or os.path.join(
+def _cache_dir(cfg):
+    return cfg.feature_cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
         "transfer-learning", "features")
-    path = os.path.join(cache_dir, cache_key(model, head_name, cfg, preprocessing, train, val)
-                        + ".safetensors")
-    if os.path.isfile(path):
-        cached = load_file(path)
+
+
+def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, preprocessing,
+                           workers, channels_last):
+    """(FeatureHeads to train, train loader, val loader, train images, val images, info)
+    over cached features; extracts them first when the cache has no entry for this exact
+    model, data, transform and precision."""
+    train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
+    views = max(cfg.feature_views, 1)
+    train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views)
+                    if cfg.feature_views else ImageDataset(train, eval_tf))
+    val_images = ImageDataset(val, eval_tf)
+    device = accelerator.device
+    precision = extract_precision(cfg, device)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dims = _probe(model, head_names, val_images[0]["pixel_values"], device)
+    cache_dir = _cache_dir(cfg)
+    key = [None]
+    if accelerator.is_main_process:  # hashing weights and stat-ing every image: once
+        key[0] = cache_key(model, head_names, cfg, preprocessing,
+                           (image_identities(train), image_identities(val)),
+                           dict(precision=precision, channels_last=channels_last,
+                                device=device.type))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(key)
+    path = os.path.join(cache_dir, key[0] + ".safetensors")
+    seen = gather_object([os.path.isfile(path)]) if accelerator.num_processes > 1 \
+        else [os.path.isfile(path)]
+    info = dict(feature_cache=path, extract_precision=precision)
+    if all(seen):
         accelerator.print(f"features: cached in {path}")
+        info["features_cached"] = True
     else:
         t0 = time.time()
-        model = model.to(accelerator.device).eval()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        with headless(model, head_name) as backbone:
-            cached = {"train": _extract(accelerator, backbone, train_images, views, cfg,
-                                        workers, channels_last),
-                      "val": _extract(accelerator, backbone, val_images, 1, cfg, workers,
-                                      channels_last)}
-        if accelerator.is_main_process:
+        shapes = {"train": (len(train_images), views, sum(dims)),
+                  "val": (len(val_images), 1, sum(dims))}
+        tmp, maps = None, {"train": None, "val": None}
+        if accelerator.is_local_main_process:  # one writer per machine (shared or not)
             os.makedirs(cache_dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=cache_dir)
             os.close(fd)
-            save_file(cached, tmp)
+            maps = mmap_tensors.create(tmp, shapes)
+        _extract(accelerator, model, head_names, train_images, views, cfg, workers,
+                 channels_last, precision, maps["train"])
+        _extract(accelerator, model, head_names, val_images, 1, cfg, workers, channels_last,
+                 precision, maps["val"])
+        if tmp:
+            for m in maps.values():
+                m.flush()
+            del maps
             os.replace(tmp, path)  # never a half-written cache entry
-        n = cached["train"].shape[0] * views + cached["val"].shape[0]
+        accelerator.wait_for_everyone()
         seconds = time.time() - t0
-        accelerator.print(f"features: {tuple(cached['train'].shape)} train, "
-                          f"{tuple(cached['val'].shape)} val in {seconds:.1f} s "
-                          f"({n / seconds:.0f} img/s) -> {path}")
+        n = shapes["train"][0] * views + shapes["val"][0]
+        accelerator.print(f"features: {shapes['train']} train, {shapes['val']} val in "
+                          f"{seconds:.1f} s ({n / seconds:.0f} img/s, {precision}) -> {path}")
+        info.update(features_cached=False, extract_seconds=round(seconds, 2),
+                    extract_images_per_second=round(n / seconds, 1))
+    cached = mmap_tensors.open_read(path)
+    heads = FeatureHeads([model.get_submodule(h) for h in head_names], dims)
     loader_args = dict(batch_size=cfg.batch_size, num_workers=0,
                        generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = torch.utils.data.DataLoader(
@@ -159,4 +244,4 @@ def cached_feature_loaders(accelerator, cfg, model, head_name, train, val, prepr
         **loader_args)
     val_loader = torch.utils.data.DataLoader(
         FeatureDataset(cached["val"], torch.tensor(val["label"])), shuffle=False, **loader_args)
-    return train_loader, val_loader, train_images, val_images
+    return heads, train_loader, val_loader, train_images, val_images, info

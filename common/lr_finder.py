@@ -21,9 +21,9 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from common.data import set_epoch
+from common.engine import train_step
 from common.errors import UserError
 from common.models import set_train_mode
 from common.optim import set_peak_lr
@@ -54,18 +54,18 @@ def _restore(accelerator, model, optimizer, saved):
 
 
 def suggest(lrs, smoothed):
-    """A tenth of the lr at the minimum smoothed loss."""
+    """(suggested lr, index of the minimum): a tenth of the lr at the minimum smoothed loss."""
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
-    return lrs[best] / 10
+    return lrs[best] / 10, best
 
 
-def find_lr(accelerator, model, optimizer, loader, run, cfg, inputs, output_dir):
-    """Run the range test on the prepared model/optimizer/loader; return the suggested peak
-    lr (of the head; the other groups scale with it). Writes lr_find.json and lr_find.png."""
+def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen):
+    """Run the range test on the prepared model/optimizer/loader, with the backbone frozen or
+    not (as the model's parameters already are); return the suggested peak lr (of the head;
+    the other groups scale with it). Writes lr_find.json and lr_find.png."""
     steps = cfg.find_lr_steps
     saved = _snapshot(accelerator, model, optimizer)
-    model.train()
-    set_train_mode(accelerator.unwrap_model(model), run["head_name"], run["frozen_backbone"])
+    set_train_mode(accelerator.unwrap_model(model), run.head_names, frozen)
     lrs, raw, smoothed = [], [], []
     avg, window, epoch = 0.0, [], 0
     while len(lrs) < steps:
@@ -74,16 +74,12 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, inputs, output_dir)
             if not window:  # first micro-batch of an optimiser step: its lr
                 lr = START_LR * (END_LR / START_LR) ** (len(lrs) / (steps - 1))
                 set_peak_lr(optimizer, lr)
-            x, y = inputs(batch, run)
-            with accelerator.accumulate(model):
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.append(loss.detach())
+            per_sample, _ = train_step(accelerator, model, optimizer, batch, run)
+            window.append(per_sample.mean())
             if not accelerator.sync_gradients:
                 continue
-            # the same number on every rank: every decision below is taken together
+            # one sync per step (a range test decides at every step), the same number on
+            # every rank: every decision below is taken together
             value = accelerator.reduce(torch.stack(window).mean(), "mean").item()
             window = []
             if not math.isfinite(value):
@@ -102,15 +98,15 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, inputs, output_dir)
     if len(lrs) < 5:
         raise UserError(f"--find-lr: the loss diverged after {len(lrs)} steps, from lr "
                         f"{START_LR:g}; check the data and model, or set --lr yourself")
-    lr = suggest(lrs, smoothed)
+    lr, best = suggest(lrs, smoothed)
     accelerator.print(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "
-                      f"minimum smoothed loss {min(smoothed):.4f} at lr {lr * 10:.2e}; "
+                      f"minimum smoothed loss {smoothed[best]:.4f} at lr {lrs[best]:.2e}; "
                       f"suggested --lr {lr:.2e} (a tenth of that)")
-    if smoothed.index(min(smoothed)) == len(smoothed) - 1:
+    if best == len(smoothed) - 1:
         accelerator.print("note: the loss was still falling at the end of the sweep (no "
                           "divergence), so the suggestion may be low; see lr_find.png")
     if accelerator.is_main_process:
-        from common.checkpoint import write_json
+        from common.files import write_json
         from common.viz import lr_find_png
 
         write_json(os.path.join(output_dir, "lr_find.json"),

@@ -1,9 +1,10 @@
 """Backbones from torchvision (`resnet18`, `torchvision:NAME`) and timm (`timm:NAME`).
 
-`build_model` returns the network with a fresh head sized to the classes, the qualified name
-of that head (everything else is "the backbone"), and the preprocessing the pretrained
-weights expect (input size, resize, mean/std, interpolation), read from the library's own
-pretrained config so nothing is hard-coded here.
+`build_model` returns the network with fresh heads sized to the classes, the qualified names
+of those heads (everything else is "the backbone"; distilled models such as DeiT's have two,
+`head` and `head_dist`), and the preprocessing the pretrained weights expect (input size,
+resize, mean/std, interpolation), read from the library's own pretrained config so nothing is
+hard-coded here.
 
 Weights: the library's download/cache by default, `--weights FILE` for a local file
 (safetensors, or a torch file loaded with `weights_only=True`, which refuses pickled code),
@@ -14,14 +15,24 @@ or none (`--no-pretrained`). The head of a weights file is dropped when its shap
 import difflib
 import math
 import os
-import socket
 import urllib.error
-import urllib.parse
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from common.errors import UserError
+
+
+class Built(NamedTuple):
+    model: nn.Module
+    head_names: tuple  # qualified names of the classifier module(s)
+    preprocessing: dict
+
+
+def in_heads(name, head_names):
+    """Whether parameter/module `name` belongs to one of `head_names` (() = everything)."""
+    return not head_names or any(name == h or name.startswith(h + ".") for h in head_names)
 
 
 def split_model_name(name):
@@ -116,10 +127,10 @@ def load_weights_file(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_into(model, state_dict, head_name, source):
-    """Load pretrained tensors; the old head may differ, any other mismatch is an error."""
+def load_into(model, state_dict, head_names, source):
+    """Load pretrained tensors; the old heads may differ, any other mismatch is an error."""
     own = model.state_dict()
-    in_head = lambda k: k.startswith(head_name + ".")  # noqa: E731
+    in_head = lambda k: in_heads(k, head_names)  # noqa: E731
     mismatched = [k for k, v in state_dict.items()
                   if k in own and v.shape != own[k].shape and not in_head(k)]
     missing = [k for k in own if k not in state_dict and not in_head(k)
@@ -139,22 +150,40 @@ def load_into(model, state_dict, head_name, source):
 
 
 def _hub_offline_if_unreachable():
-    """Without network, huggingface_hub retries for ~50 s before timm gives up. A 3 s probe
-    instead: unreachable -> offline mode, so a cached model loads and a missing one fails now."""
+    """Without network, huggingface_hub retries each file 5 times with backoff (~50 s here)
+    before timm gives up. One request first, through huggingface_hub's own HTTP session (so
+    its proxy settings, certificates and timeout apply): if the Hub cannot be reached at all,
+    offline mode, so a cached model loads and a missing one fails at once."""
     import huggingface_hub.constants as hub
+    from huggingface_hub.utils import get_session
 
     if hub.HF_HUB_OFFLINE:
         return
-    host = urllib.parse.urlparse(hub.ENDPOINT).hostname
     try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
+        get_session().head(hub.ENDPOINT, timeout=hub.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:  # the HTTP client's transport errors (DNS, refused, timeout, proxy)
         hub.HF_HUB_OFFLINE = True  # read by huggingface_hub.is_offline_mode() at each call
-        print(f"{host} is unreachable: using the local Hugging Face cache only")
+        print(f"{hub.ENDPOINT} is unreachable ({type(e).__name__}): using the local Hugging "
+              "Face cache only")
+
+
+def _timm_heads(model):
+    """Every classifier a timm model reports (distilled models: head and head_dist)."""
+    heads = model.pretrained_cfg.get("classifier") or "head"
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return tuple(h for h in heads if _has_module(model, h))
+
+
+def _has_module(model, name):
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def build_model(name, num_classes, pretrained=True, weights=None):
-    """Return (model, head_name, preprocessing) with a new `num_classes` head."""
+    """Return Built(model, head_names, preprocessing) with new `num_classes` heads."""
     library, arch = split_model_name(name)
     if library == "timm":
         import timm
@@ -165,12 +194,11 @@ def build_model(name, num_classes, pretrained=True, weights=None):
             model = timm.create_model(arch, pretrained=pretrained and weights is None)
         except OSError as e:  # no network / not in the Hub cache
             raise _download_failed(name, e) from None
-        head_name = model.pretrained_cfg.get("classifier", "head")
-        if isinstance(head_name, (tuple, list)):
-            head_name = head_name[0]
+        head_names = _timm_heads(model)
         if weights:
-            load_into(model, load_weights_file(weights), head_name, weights)
-        model.reset_classifier(num_classes)
+            load_into(model, load_weights_file(weights), head_names, weights)
+        model.reset_classifier(num_classes)  # every head (timm resets head_dist too)
+        head_names = _timm_heads(model)
         preprocessing = _preprocessing_timm(model)
     else:
         import torchvision
@@ -180,30 +208,31 @@ def build_model(name, num_classes, pretrained=True, weights=None):
                 arch, weights="DEFAULT" if pretrained and weights is None else None)
         except (urllib.error.URLError, OSError) as e:
             raise _download_failed(name, e) from None
-        head_name = _last_linear(model)
+        head_names = (_last_linear(model),)
         if weights:
-            load_into(model, load_weights_file(weights), head_name, weights)
-        old = model.get_submodule(head_name)
-        parent, _, child = head_name.rpartition(".")
+            load_into(model, load_weights_file(weights), head_names, weights)
+        old = model.get_submodule(head_names[0])
+        parent, _, child = head_names[0].rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 nn.Linear(old.in_features, num_classes))
         preprocessing = _preprocessing_torchvision(arch)
-    return model, head_name, preprocessing
+    return Built(model, head_names, preprocessing)
 
 
-def freeze_backbone(model, head_name, frozen=True):
-    """Only the head's parameters train (frozen=False: all of them again). BatchNorm
+def freeze_backbone(model, head_names, frozen=True):
+    """Only the heads' parameters train (frozen=False: all of them again). BatchNorm
     statistics are kept by `set_train_mode`."""
     for name, p in model.named_parameters():
-        p.requires_grad_(not frozen or name.startswith(head_name + "."))
+        p.requires_grad_(not frozen or in_heads(name, head_names))
 
 
-def set_train_mode(model, head_name, frozen_backbone):
+def set_train_mode(model, head_names, frozen_backbone):
     """model.train(), except that a frozen backbone stays in eval mode: its BatchNorm running
     statistics are not updated and its dropout is off, so it computes exactly the pretrained
     features."""
-    if frozen_backbone:
+    if frozen_backbone and head_names:
         model.eval()
-        model.get_submodule(head_name).train()
+        for h in head_names:
+            model.get_submodule(h).train()
     else:
         model.train()

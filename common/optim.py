@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from common.models import in_heads
+
 
 def _torchvision_layers(model):
     """Parameter name -> layer index, bottom to top: each top-level module with parameters
@@ -48,13 +50,13 @@ def layer_ids(model):
     return _torchvision_layers(model)
 
 
-def param_groups(model, head_name, cfg, lr):
+def param_groups(model, head_names, cfg, lr):
     """Optimiser groups of the parameters of `model` (all of them, trainable now or later):
     the head first, then the backbone by lr scale; each split into decayed (>= 2-d) and
     not decayed (biases, norm weights). Each group records `name` and `lr_scale`."""
     backbone_mult = getattr(cfg, "backbone_lr_mult", 1.0)
     decay = getattr(cfg, "layer_decay", None)
-    in_head = lambda n: not head_name or n.startswith(head_name + ".")  # noqa: E731
+    in_head = lambda n: in_heads(n, head_names)  # noqa: E731
     depth = layer_ids(model) if decay else {}
     top = max((d for n, d in depth.items() if not in_head(n)), default=0) + 1
     groups = {}
@@ -74,7 +76,7 @@ def param_groups(model, head_name, cfg, lr):
     return sorted(groups.values(), key=lambda g: (g["name"] != "head", -g["lr_scale"]))
 
 
-def build_optimizer(cfg, model, head_name="", lr=None):
+def build_optimizer(cfg, model, head_names=(), lr=None):
     """SGD (momentum) or AdamW over `param_groups`. Parameters frozen for now (requires_grad
     False) are included: they get no gradient, so the optimiser leaves them and their state
     alone until they are unfrozen, and the optimiser never has to be rebuilt (or its
@@ -82,10 +84,15 @@ def build_optimizer(cfg, model, head_name="", lr=None):
     lr = cfg.lr if lr is None else lr
     if lr == "auto":  # placeholder: the range test (or a resumed checkpoint) sets it
         lr = 1.0
-    groups = param_groups(model, head_name, cfg, lr)
+    groups = param_groups(model, head_names, cfg, lr)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def group_lrs(optimizer):
+    """{group name: lr}, one entry per name (decay / no-decay halves share their lr)."""
+    return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
 
 def set_peak_lr(optimizer, lr):
@@ -121,3 +128,13 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
     of its own peak lr."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+
+
+def position_scheduler(scheduler, step):
+    """Put a freshly built schedule at optimiser step `step` (a resumed run): nothing of it
+    is saved, it is a function of the step (and of the peaks it was built with)."""
+    scheduler.last_epoch = step
+    lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -10,15 +10,47 @@ import dataclasses
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs,
-                               broadcast_object_list, set_seed)
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
 from common.config import save_config
 from common.errors import UserError
 from common.tracking import resolve_report_to
+
+
+@dataclass
+class Run:
+    """What a run knows besides its config: built once by the entry script, read by the loop
+    (common/trainer.py, common/engine.py) and by the pictures and run files.
+
+    `trained` is the module the optimiser trains: the whole network, or (extractor on cached
+    features) only its heads; `export` is what `best/` holds (the whole network).
+    `head_names` are the classifier modules inside `trained` (() when `trained` is the heads
+    themselves); everything else in it is the backbone, frozen during `freeze_epochs`.
+    """
+
+    script: str                   # "finetune" or "extractor"
+    trained: torch.nn.Module
+    export: torch.nn.Module
+    head_names: tuple
+    model_heads: tuple            # the heads' names inside `export`, for model.json
+    class_names: list
+    preprocessing: dict
+    channels_last: bool
+    train_images: Any             # decoded image datasets, for the pictures (the loaders
+    val_images: Any               # may serve cached features instead)
+    loss: Callable                # (logits, labels) -> per-sample training loss
+    started: float                # time.time() at the script's first line
+    freeze_epochs: Optional[int] = 0  # head-only epochs first; None: the backbone never trains
+    extra_results: Optional[dict] = None  # e.g. the feature cache's figures
+
+    def frozen_at(self, epoch):
+        """Whether the backbone is frozen (parameters and BatchNorm statistics) in `epoch`."""
+        return self.freeze_epochs is None or epoch < self.freeze_epochs
 
 
 def _output_dir(cfg, script, state):
@@ -97,12 +129,6 @@ def setup_run(cfg, script):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
-        # --freeze-epochs: DDP is built with every parameter trainable (a parameter frozen at
-        # construction would never be synchronised after unfreezing); while the backbone is
-        # frozen its parameters get no gradient, and find_unused_parameters lets DDP accept
-        # that and leave their .grad unset, so the optimiser does not touch them.
-        kwargs_handlers=[DistributedDataParallelKwargs(
-            find_unused_parameters=getattr(cfg, "freeze_epochs", 0) > 0)],
     )
     on_cpu = accelerator.device.type == "cpu"
     if on_cpu and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
@@ -116,6 +142,34 @@ def setup_run(cfg, script):
         save_config(dataclasses.replace(cfg, output_dir=output_dir),
                     os.path.join(output_dir, "config.yaml"))
     accelerator.wait_for_everyone()
-    # Same seed on every rank: identical head init; the data order is the sampler's own seed.
+    # The same seed on every rank while the model is built: identical new heads everywhere
+    # (DDP would broadcast rank 0's anyway; the cached-feature extractor has no DDP to do it).
+    # seed_for_training() then gives each rank its own stream.
     set_seed(cfg.seed)
     return accelerator, output_dir
+
+
+def seed_for_training(accelerator, seed):
+    """Before the first training step: seed + process index on each rank, so dropout and
+    drop-path masks differ between processes (each sees different images; identical masks
+    would correlate their noise, as timm's train.py avoids too). What must be identical
+    everywhere does not come from this RNG: the data order (the sampler's seed + epoch, the
+    same permutation on every rank) and the augmentation (seeded per image by seed, epoch and
+    index in common/data.py, so independent of the process count)."""
+    set_seed(seed, device_specific=True)
+
+
+def rewrap_ddp(accelerator, model):
+    """Build DDP again around the same module, after parameters were frozen or unfrozen.
+
+    DDP registers the parameters that require grad when it is built and expects a gradient
+    for each of them in every backward. --freeze-epochs therefore wraps the model with only
+    the heads trainable, and again with every parameter when the backbone unfreezes: both
+    phases run without `find_unused_parameters` (a graph walk per step). A parameter frozen
+    when DDP was built would never be synchronised after unfreezing, which is why the wrap
+    is renewed, not kept. Single-process models are returned as they are."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    # (Accelerate keeps the unwrapped module in its list of models: nothing to update there)
+    return torch.nn.parallel.DistributedDataParallel(
+        model.module, device_ids=model.device_ids, output_device=model.output_device)

@@ -67,14 +67,14 @@ def default_group(cfg):
     return f"{data}/{cfg.model}"
 
 
-def start_run(accelerator, cfg, config, output_dir, run, resume_id=None):
+def start_run(accelerator, cfg, config, output_dir, script, resume_id=None):
     """Start the tracker run (main process) with the resolved config; `resume_id` continues
     an earlier run (W&B: same id, resume="allow")."""
     if not accelerator.log_with:
         return
     init_kwargs = {}
     if cfg.report_to == "wandb":
-        init_kwargs["wandb"] = dict(dir=output_dir, job_type=run["script"],
+        init_kwargs["wandb"] = dict(dir=output_dir, job_type=script,
                                     name=cfg.run_name or os.path.basename(output_dir),
                                     group=cfg.group or default_group(cfg),
                                     tags=[t for t in (cfg.tags or "").split(",") if t])
@@ -84,6 +84,21 @@ def start_run(accelerator, cfg, config, output_dir, run, resume_id=None):
     # take no None values.
     config = {k: ("" if v is None else v) for k, v in {**config, **run_metadata()}.items()}
     accelerator.init_trackers(cfg.project, config=config, init_kwargs=init_kwargs)
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        if tracker.name == "wandb":
+            # Charts against our optimiser step, which a resumed run repeats from its
+            # checkpoint on; W&B's own step only ever grows, so nothing logged after a
+            # resume is dropped as "already passed" (see log_metrics).
+            tracker.tracker.define_metric("train/step")
+            tracker.tracker.define_metric("*", step_metric="train/step")
+
+
+def log_metrics(accelerator, values, step):
+    """Scalars to every tracker (main process). W&B gets no explicit step: it would ignore
+    rows at a step it has passed, which every resumed run revisits; `values` carries
+    `train/step`, its x-axis. TensorBoard plots against `step` and keeps repeats."""
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        tracker.log(values, step=None if tracker.name == "wandb" else step)
 
 
 def log_pictures(accelerator, pngs, step):
@@ -93,8 +108,11 @@ def log_pictures(accelerator, pngs, step):
 
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
         images = {k: Image.open(v).convert("RGB") for k, v in pngs.items()}
-        if tracker.name == "wandb":
-            tracker.log_images({k: [v] for k, v in images.items()}, step=step)
+        if tracker.name == "wandb":  # no explicit step: see log_metrics
+            import wandb
+
+            tracker.tracker.log({**{k: wandb.Image(v) for k, v in images.items()},
+                                 "train/step": step})
         elif tracker.name == "tensorboard":
             tracker.log_images({k: np.asarray(v)[None] for k, v in images.items()}, step=step,
                                dataformats="NHWC")

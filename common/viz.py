@@ -102,7 +102,7 @@ def curves_png(runs, path):
 def augmentation_preview_png(dataset, run, path, n=16):
     """`n` random training images as the model sees them in epoch 1 (augmented, denormalised
     with the model's own mean/std), like the tutorial's `imshow` grid of a batch."""
-    p, names = run["preprocessing"], run["class_names"]
+    p, names = run.preprocessing, run.class_names
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(dataset.seed or 0))
     items = [dataset[int(i)] for i in pick[:n]]
     return image_grid_png([denormalize(it["pixel_values"], p["mean"], p["std"]) for it in items],
@@ -113,7 +113,7 @@ def augmentation_preview_png(dataset, run, path, n=16):
 def prediction_grid_png(dataset, predictions, run, path, n=16):
     """Val images with predicted (probability) and true labels, misclassified ones first and
     marked in red, like the tutorial's `visualize_model`."""
-    p, names = run["preprocessing"], run["class_names"]
+    p, names = run.preprocessing, run.class_names
     rows = list(zip(predictions["index"], predictions["pred"], predictions["label"],
                     predictions["prob"]))
     rows.sort(key=lambda r: r[1] == r[2])  # wrong ones first, dataset order otherwise

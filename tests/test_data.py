@@ -111,3 +111,49 @@ def test_loaders_apply_the_models_preprocessing(tmp_path):
     means = batch["pixel_values"][0].mean(dim=(1, 2))
     assert means[0] > 0.5 and means[1] < -0.5
     assert next(iter(train_loader))["pixel_values"].shape == (4, 3, 64, 64)
+
+
+def _int_label_dataset(tmp_path, train_labels, val_labels, val_split="validation"):
+    """A parquet dataset with plain int labels; each image's colour encodes its label, so
+    we can check which label an example carries after loading."""
+    out = tmp_path / "pq"
+    out.mkdir(parents=True)
+    for split, labels in (("train", train_labels), (val_split, val_labels)):
+        files = []
+        for i, lab in enumerate(labels):
+            files.append(write_image(str(tmp_path / "imgs" / split / f"{i}.png"),
+                                     (lab * 20 % 256, 0, 0)))
+        ds = datasets.Dataset.from_dict({"image": files, "label": labels})
+        ds.cast_column("image", datasets.Image()).to_parquet(str(out / f"{split}-00000.parquet"))
+    return str(out)
+
+
+def test_int_labels_map_the_same_way_in_train_and_val_beyond_ten_classes(tmp_path):
+    labels = list(range(12))  # as text, "10" and "11" would sort before "2"
+    path = _int_label_dataset(tmp_path, labels * 2, labels)
+    train, val, classes = load_hub_dataset(FinetuneConfig(dataset=path))
+    assert classes == [str(i) for i in range(12)]
+    for ds, raw in ((train, labels * 2), (val, labels)):
+        assert ds["label"] == [classes.index(str(v)) for v in raw]  # class k is label k
+        assert ds.features["label"].names == classes
+    # the same image content (the raw label) gets the same index in both splits
+    red = lambda ds, i: ds[i]["image"].getpixel((0, 0))[0]  # noqa: E731
+    assert {red(train, i): train[i]["label"] for i in range(12)} == \
+        {red(val, i): val[i]["label"] for i in range(12)}
+
+
+def test_int_labels_with_gaps_and_an_unknown_val_label(tmp_path):
+    path = _int_label_dataset(tmp_path, [3, 7, 12, 3, 7, 12], [12, 3, 7])
+    train, val, classes = load_hub_dataset(FinetuneConfig(dataset=path))
+    assert classes == ["3", "7", "12"] and val["label"] == [2, 0, 1]
+    bad = _int_label_dataset(tmp_path / "b", [3, 7, 3, 7], [3, 9])
+    with pytest.raises(UserError, match="labels that train does not .9."):
+        load_hub_dataset(FinetuneConfig(dataset=bad))
+
+
+def test_a_test_split_standing_in_for_validation_is_said_in_one_line(tmp_path, capsys):
+    path = _int_label_dataset(tmp_path, [0, 1, 0, 1], [1, 0], val_split="test")
+    train, val, classes = load_hub_dataset(FinetuneConfig(dataset=path))
+    assert len(val) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "'test'" in line]
+    assert len(lines) == 1 and "no 'validation' split" in lines[0]

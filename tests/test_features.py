@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from common.config import ExtractorConfig
 from common.data import load_image_folder
+from common.data import image_identities
 from common.features import cache_key
 from common.models import build_model
 from conftest import COLOURS, launch, make_image_folder, write_image
@@ -21,36 +22,46 @@ def key_inputs(tmp_path):
     root = make_image_folder(tmp_path / "d", counts={"train": 2, "val": 1})
     train, val, classes = load_image_folder(root, 0.2, 0)
     torch.manual_seed(0)
-    model, head, pre = build_model("timm:test_resnet", len(classes), pretrained=False)
-    return root, train, val, model, head, pre
+    built = build_model("timm:test_resnet", len(classes), pretrained=False)
+    return root, train, val, built.model, built.head_names, built.preprocessing
 
 
-def test_cache_key_changes_with_image_model_and_transform(key_inputs):
-    root, train, val, model, head, pre = key_inputs
+SETTINGS = dict(precision="fp32", channels_last=True, device="cpu")
+
+
+def test_cache_key_changes_with_image_model_transform_and_numerics(key_inputs):
+    root, train, val, model, heads, pre = key_inputs
     cfg = ExtractorConfig(model="timm:test_resnet")
-    key = cache_key(model, head, cfg, pre, train, val)
-    assert cache_key(model, head, cfg, pre, train, val) == key  # deterministic
+
+    def key(cfg=cfg, pre=pre, **settings):
+        ids = (image_identities(train), image_identities(val))
+        return cache_key(model, heads, cfg, pre, ids, {**SETTINGS, **settings})
+
+    first = key()
+    assert key() == first  # deterministic
     # a changed image (new content, new mtime)
     time.sleep(0.01)
     write_image(os.path.join(root, "val", "cat", "0.jpg"), COLOURS["dog"], seed=99)
-    assert cache_key(model, head, cfg, pre, train, val) != key
-    key = cache_key(model, head, cfg, pre, train, val)
+    assert key() != first
+    first = key()
     # other backbone weights (a new head alone changes nothing: it is not in the features)
-    model.get_submodule(head).weight.data.add_(1)
-    assert cache_key(model, head, cfg, pre, train, val) == key
+    model.get_submodule(heads[0]).weight.data.add_(1)
+    assert key() == first
     with torch.no_grad():
         model.conv1[0].weight.add_(1e-3)
-    assert cache_key(model, head, cfg, pre, train, val) != key
-    key = cache_key(model, head, cfg, pre, train, val)
+    assert key() != first
+    first = key()
     # another transform: crop scale, number of views, preprocessing
-    assert cache_key(model, head, ExtractorConfig(model="timm:test_resnet",
-                                                  train_crop_scale=0.5), pre, train, val) != key
-    assert cache_key(model, head, ExtractorConfig(model="timm:test_resnet", feature_views=2),
-                     pre, train, val) != key
-    assert cache_key(model, head, cfg, dict(pre, resize=200), train, val) != key
+    assert key(cfg=ExtractorConfig(model="timm:test_resnet", train_crop_scale=0.5)) != first
+    assert key(cfg=ExtractorConfig(model="timm:test_resnet", feature_views=2)) != first
+    assert key(pre=dict(pre, resize=200)) != first
+    # the numbers the features are computed with: bf16 features never stand in for fp32
+    assert len({first, key(precision="bf16"), key(channels_last=False),
+                key(device="cuda")}) == 4
 
 
-def test_cached_and_on_the_fly_training_give_the_same_head(image_folder, tmp_path,
+@pytest.mark.parametrize("views", ["1", "2"])  # 1: the default
+def test_cached_and_on_the_fly_training_give_the_same_head(views, image_folder, tmp_path,
                                                            offline_env):
     heads, results = [], []
     for mode in ("--cache-features", "--no-cache-features"):
@@ -58,7 +69,7 @@ def test_cached_and_on_the_fly_training_give_the_same_head(image_folder, tmp_pat
         launch("train_extractor.py", ["--data-dir", image_folder, "--model", "timm:test_resnet",
                                       "--no-pretrained", "--batch-size", "4", "--num-workers",
                                       "0", "--report-to", "none", "--epochs", "3",
-                                      "--feature-views", "0", "--checkpointing-steps", "no",
+                                      "--feature-views", views, "--checkpointing-steps", "no",
                                       "--feature-cache-dir", tmp_path / "cache",
                                       "--output-dir", out, mode], offline_env)
         heads.append(load_file(str(out / "best" / "model.safetensors")))
@@ -69,6 +80,38 @@ def test_cached_and_on_the_fly_training_give_the_same_head(image_folder, tmp_pat
     assert results[0]["best_val_accuracy"] == results[1]["best_val_accuracy"]
     assert results[0]["final_val_loss"] == pytest.approx(results[1]["final_val_loss"], rel=1e-4)
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_a_model_with_two_heads_trains_both_on_cached_features(image_folder, tmp_path,
+                                                                offline_env):
+    """Distilled DeiT: head and head_dist read different tokens; its eval output is their
+    average. Both are new, both train, neither is part of the frozen backbone."""
+    from safetensors.torch import load_file as load
+
+    name = "timm:deit_tiny_distilled_patch16_224"
+    built = build_model(name, 3, pretrained=False)
+    assert built.head_names == ("head", "head_dist")
+    outs = {}
+    for mode, epochs in (("--cache-features", "2"), ("--no-cache-features", "2"),
+                         ("--cache-features", "0")):  # epochs 0: the starting heads
+        outs[mode + epochs] = tmp_path / (mode + epochs)
+        launch("train_extractor.py", ["--data-dir", image_folder, "--model", name,
+                                      "--no-pretrained", "--batch-size", "6", "--num-workers",
+                                      "0", "--report-to", "none", "--epochs", epochs,
+                                      "--lr", "0.5", "--checkpointing-steps", "no",
+                                      "--feature-cache-dir", tmp_path / "cache",
+                                      "--output-dir", outs[mode + epochs], mode], offline_env)
+    cached, live, start = (load(str(outs[k] / "best" / "model.safetensors")) for k in
+                           ("--cache-features2", "--no-cache-features2", "--cache-features0"))
+    for k in ("head.weight", "head_dist.weight"):
+        assert not torch.equal(cached[k], start[k]), f"{k} did not train"
+        torch.testing.assert_close(cached[k], live[k], rtol=1e-4, atol=1e-5)
+    backbone = [k for k in start if not k.startswith(("head.", "head_dist."))]
+    assert all(torch.equal(cached[k], start[k]) for k in backbone)
+    assert cached["head.weight"].shape == cached["head_dist.weight"].shape == (3, 192)
+    assert not torch.equal(cached["head.weight"], cached["head_dist.weight"])
+    meta = json.load(open(outs["--cache-features2"] / "best" / "model.json"))
+    assert meta["heads"] == ["head", "head_dist"]
 
 
 def test_second_run_reuses_the_cache(image_folder, tmp_path, offline_env):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from common.checkpoint import resolve_checkpoint
+from common.checkpoint import read_checkpoint, resolve_checkpoint
 from common.errors import UserError
 from conftest import CONFIGS, REPO, launch, make_image_folder
 
@@ -119,15 +119,149 @@ def test_resume_refuses_folders_it_did_not_write(uninterrupted, tmp_path):
     shutil.copytree(out / "checkpoints" / "step-00000030", foreign)
     os.remove(foreign / "manifest.json")
     with pytest.raises(UserError, match="not a checkpoint written by these scripts"):
-        resolve_checkpoint(str(foreign), str(tmp_path))
+        read_checkpoint(str(foreign))
     tampered = tmp_path / "tampered"
     shutil.copytree(out / "checkpoints" / "step-00000030", tampered)
-    with open(tampered / "random_states_0.pkl", "ab") as fh:
-        fh.write(b"code")
-    with pytest.raises(UserError, match="random_states_0.pkl is missing or changed"):
-        resolve_checkpoint(str(tampered), str(tmp_path))
+    with open(tampered / "rng-0.json", "a") as fh:
+        fh.write(" ")
+    with pytest.raises(UserError, match="rng-0.json changed since it was written"):
+        read_checkpoint(str(tampered))
     with pytest.raises(UserError, match="no checkpoint in"):
         resolve_checkpoint("latest", str(tmp_path / "nothing"))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rewrite_manifest(ckpt):
+    """What anyone can do: make the manifest match whatever the folder now holds."""
+    import hashlib
+
+    manifest = json.load(open(ckpt / "manifest.json"))
+    for rel in manifest["files"]:
+        manifest["files"][rel] = hashlib.sha256((ckpt / rel).read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_file_replaced_by_a_code_running_pickle_is_refused_never_run(
+        uninterrupted, tmp_path):
+    import pickle
+
+    _, out = uninterrupted
+    real = out / "checkpoints" / "step-00000030"
+    files = [str(p.relative_to(real)) for p in real.rglob("*") if p.is_file()]
+    replaceable = [f for f in files if not f.endswith(".safetensors") and f != "manifest.json"]
+    assert {"optimizer.pt", "train_state.json", "rng-0.json", "best/model.json"} <= \
+        set(replaceable)
+    assert read_checkpoint(str(real)).state.step == 30  # untouched, it loads
+    for rel in replaceable:
+        ckpt = tmp_path / rel.replace("/", "_")
+        shutil.copytree(real, ckpt)
+        marker = tmp_path / f"ran-{rel.replace('/', '_')}"
+        with open(ckpt / rel, "wb") as fh:
+            pickle.dump(_Evil(marker), fh)  # torch.save would pickle it the same way
+        _rewrite_manifest(ckpt)
+        with pytest.raises(UserError, match=f"{rel} is not a valid"):
+            read_checkpoint(str(ckpt))
+        assert not marker.exists(), f"{rel}: its code ran"
+
+
+def test_resume_with_a_poisoned_optimizer_file_exits_with_one_line(data, uninterrupted,
+                                                                    tmp_path, offline_env):
+    import pickle
+
+    _, out = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    ckpt = run / "checkpoints" / "step-00000030"
+    marker = tmp_path / "ran"
+    with open(ckpt / "optimizer.pt", "wb") as fh:
+        pickle.dump(_Evil(marker), fh)
+    _rewrite_manifest(ckpt)
+    proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", run,
+                                        "--resume-from-checkpoint", "latest"], offline_env,
+                  check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "optimizer.pt is not a valid torch file" in errors[0], proc.stderr
+
+
+def _steps(root):
+    return sorted(d for d in os.listdir(root) if d.startswith("step-"))
+
+
+def test_resuming_an_older_checkpoint_twice_moves_latest_and_best_with_the_new_run(
+        data, uninterrupted, tmp_path, offline_env):
+    full, _ = uninterrupted
+    args = ["--data-dir", data, *ARGS, "--checkpoints-total-limit", "0"]
+    out = tmp_path / "run"
+    launch("train_finetune.py", [*args, "--output-dir", out], offline_env)
+    root = out / "checkpoints"
+    assert _steps(root)[-1] == "step-00000030" and len(_steps(root)) == 15
+    for resume_at in ("step-00000012", "step-00000018"):  # the second resume: of the new run
+        old_latest = (root / "step-00000030").stat().st_mtime_ns
+        launch("train_finetune.py", [*args, "--output-dir", out, "--resume-from-checkpoint",
+                                     str(root / resume_at)], offline_env)
+        # the abandoned later checkpoints were set aside, the new run's written in their place
+        assert open(root / "latest").read().strip() == "step-00000030"
+        assert (root / "step-00000030").stat().st_mtime_ns > old_latest
+        assert _steps(root)[-1] == "step-00000030"
+        aside = sorted(p.name for p in (root / "abandoned").glob("*/step-*"))
+        assert "step-00000030" in aside
+        res = json.load(open(out / "results.json"))
+        for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps"):
+            assert res[key] == full[key], key
+        meta = json.load(open(out / "best" / "model.json"))
+        assert meta["epoch"] == res["best_epoch"]
+
+
+def test_best_is_restored_to_what_it_was_at_the_checkpoint(uninterrupted, tmp_path):
+    from common.checkpoint import restore_best
+
+    _, out = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    ckpt = read_checkpoint(str(run / "checkpoints" / "step-00000028"))
+    assert ckpt.best and ckpt.state.best is not None
+    (run / "best" / "model.json").write_text('{"epoch": 99}')  # what a later run left
+    restore_best(str(run), ckpt)
+    meta = json.load(open(run / "best" / "model.json"))
+    assert meta["epoch"] == ckpt.state.best["epoch"] != 99
+    ckpt.best = {}
+    restore_best(str(run), ckpt)  # a checkpoint taken before any evaluation: no best yet
+    assert not (run / "best").exists()
+
+
+def test_a_checkpoint_of_2_processes_resumes_on_1_or_refuses_clearly(data, tmp_path,
+                                                                     offline_env):
+    args = ["--data-dir", data, "--model", "timm:test_resnet", "--no-pretrained",
+            "--batch-size", "4", "--num-workers", "0", "--epochs", "2",
+            "--checkpointing-steps", "2", "--checkpoints-total-limit", "0",
+            "--report-to", "none"]
+    out = tmp_path / "run"
+    launch("train_finetune.py", [*args, "--output-dir", out], offline_env, nproc=2)
+    # 18 images, 2 x 4 per step: 3 steps per epoch; step 2 = 16 images into epoch 1
+    ckpt = out / "checkpoints" / "step-00000002"
+    resumed = tmp_path / "resumed"
+    proc = launch("train_finetune.py", [*args, "--output-dir", resumed,
+                                        "--resume-from-checkpoint", ckpt], offline_env)
+    assert "on 1 x 4: epoch 1, batch 4/5, optimiser step 4" in proc.stdout
+    rows = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
+    assert [r["train_samples"] for r in rows] == [18, 18]  # no image skipped or repeated
+    res = json.load(open(resumed / "results.json"))
+    assert res["optimizer_steps"] == 10 and res["num_processes"] == 1
+    # 16 images are not a whole number of steps of 3: refused, naming what would work
+    proc = launch("train_finetune.py", [*args[:5], "--batch-size", "3", *args[7:],
+                                        "--output-dir", tmp_path / "refused",
+                                        "--resume-from-checkpoint", ckpt], offline_env,
+                  check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "epoch-end checkpoint" in errors[0], proc.stderr
 
 
 def test_two_process_run_is_one_wandb_run_and_resume_reuses_its_id(data, tmp_path,

@@ -1,0 +1,367 @@
+"""`fit`: epochs of training and evaluation around common/engine.py, with the freeze ->
+unfreeze phases, the LR range test, checkpoints and resume, logging and the run files.
+
+Order (each step a helper below): read the checkpoint to resume (before `prepare`, because
+the phase it is in decides how DDP is built) -> prepare model, optimiser and loaders ->
+LR range test (fresh runs with --find-lr / --lr auto) -> schedule -> apply the checkpoint ->
+start the tracker -> epochs: phase, train, evaluate, export the best, metrics row, checkpoint
+-> results.json and pictures.
+
+Resume: checkpoints (common/checkpoint.py) are taken only right after an optimiser step, so
+no half-accumulated gradient is ever lost. A resumed run restores model, optimiser, RNG
+states, counters and the epoch's running sums, re-seeds the sampler for the epoch in progress
+and skips the batches already done; with augmentation seeded per sample (common/data.py) it
+then computes exactly what the uninterrupted run would have. On another number of processes
+(or batch size) the progress is converted, when the samples already seen make a whole number
+of the new global batches; otherwise the run refuses, naming an epoch-end checkpoint.
+"""
+
+import math
+import os
+import signal
+import time
+
+import torch
+
+from common.checkpoint import (TrainState, apply_checkpoint, read_checkpoint,
+                               resolve_checkpoint, restore_best, restore_rng, save_checkpoint,
+                               set_aside_later_checkpoints)
+from common.data import set_epoch
+from common.engine import StopSignal, check_finite, evaluate, reduce_sums, train_one_epoch
+from common.errors import UserError
+from common.export import export_model
+from common.files import append_jsonl, write_json
+from common.lr_finder import find_lr
+from common.metrics import load_metrics, wilson_interval
+from common.models import freeze_backbone, set_train_mode
+from common.optim import build_scheduler, group_lrs, position_scheduler, set_peak_lr
+from common.runtime import rewrap_ddp, seed_for_training
+from common.tracking import log_metrics, log_pictures, set_summary, start_run, tracker_run_id
+from common.viz import augmentation_preview_png, confusion_matrix_png, prediction_grid_png
+
+
+def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
+    """Train `run.trained` for cfg.epochs, evaluating after each epoch (only the start model
+    with --epochs 0); export the best model by val accuracy; checkpoint; write metrics.jsonl
+    and results.json. Returns the results dict.
+
+    Raises UserError: a checkpoint that cannot be read or does not fit this world, a
+    non-finite training loss, a diverging LR range test."""
+    ckpt = _read_resume(cfg, output_dir)
+    state = ckpt.state if ckpt else TrainState()
+    frozen = run.frozen_at(state.epoch)
+    freeze_backbone(run.trained, run.head_names, frozen)  # before DDP is built around it
+    model = run.trained.to(memory_format=torch.channels_last) if run.channels_last \
+        else run.trained
+    # prepare moves the model to the device and wraps it in DDP; the optimiser is rewrapped
+    # so that it skips steps while gradients accumulate; the loaders are sharded and their
+    # batches moved to the device
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader)
+    if not ckpt and (cfg.find_lr or cfg.lr == "auto"):
+        state.lr = _lr_range_test(accelerator, cfg, run, model, optimizer, train_loader,
+                                  frozen, output_dir)
+        if cfg.find_lr and cfg.lr != "auto":  # --find-lr alone: report and stop
+            accelerator.end_training()
+            return {"suggested_lr": state.lr}
+    if state.lr:
+        set_peak_lr(optimizer, state.lr)  # before the schedule: it takes the peaks as built
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    if ckpt:
+        _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, len(train_loader),
+                      steps_per_epoch, output_dir)
+    with accelerator.main_process_first():
+        metrics = load_metrics()
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    _announce(accelerator, cfg, run, state, global_batch, steps_per_epoch, output_dir)
+    # last, after everything that might draw random numbers: each rank's own stream
+    if ckpt:
+        restore_rng(accelerator, ckpt, cfg.seed)
+    else:
+        seed_for_training(accelerator, cfg.seed)
+
+    loop = _Loop(accelerator, cfg, run, state, model, optimizer, scheduler, train_loader,
+                 val_loader, metrics, output_dir, frozen)
+    val_m = loop.run_epochs()
+    wall = loop.earlier_seconds + time.time() - run.started
+    return _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
+                   output_dir)
+
+
+def _read_resume(cfg, output_dir):
+    """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    return read_checkpoint(resolve_checkpoint(cfg.resume_from_checkpoint, output_dir))
+
+
+def _set_phase(accelerator, model, run, frozen):
+    """Freeze or unfreeze the backbone of the prepared `model` (DDP is built again so that it
+    registers exactly the trainable parameters)."""
+    freeze_backbone(accelerator.unwrap_model(model), run.head_names, frozen)
+    return rewrap_ddp(accelerator, model)
+
+
+def _lr_range_test(accelerator, cfg, run, model, optimizer, loader, frozen, output_dir):
+    """--find-lr / --lr auto: measured in the phase whose peak lr is being chosen: with every
+    layer training when --freeze-epochs starts with the head alone (those epochs then use the
+    same peak), with the frozen backbone for the extractor."""
+    unfreeze = frozen and run.freeze_epochs is not None
+    if unfreeze:
+        accelerator.print("LR range test with every layer training (the head-only epochs "
+                          "of --freeze-epochs then use the same peak lr)")
+        model = _set_phase(accelerator, model, run, False)
+    lr = find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir,
+                 frozen and not unfreeze)
+    if unfreeze:
+        _set_phase(accelerator, model, run, True)
+    return lr
+
+
+def _convert_progress(accelerator, cfg, state, loader_len, steps_per_epoch):
+    """A checkpoint counted on another number of processes (or batch size): express its
+    progress in this run's batches and optimiser steps, or refuse."""
+    world = (accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps)
+    saved = (state.num_processes, state.batch_size, state.gradient_accumulation_steps)
+    if world == saved or not state.batch_size:
+        return
+    samples = state.batches_done * state.batch_size * state.num_processes
+    per_step = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    if samples % per_step:
+        raise UserError(
+            f"--resume-from-checkpoint: this checkpoint was taken {state.batches_done} batches "
+            f"into epoch {state.epoch + 1} with {state.num_processes} process(es) x batch "
+            f"{state.batch_size}; its {samples} images are not a whole number of this run's "
+            f"optimiser steps ({accelerator.num_processes} x {cfg.batch_size} x "
+            f"{cfg.gradient_accumulation_steps}). Resume with the same processes and "
+            "--batch-size, or from an epoch-end checkpoint (any world size)")
+    state.batches_done = samples // (cfg.batch_size * accelerator.num_processes)
+    state.step = state.epoch * steps_per_epoch + state.batches_done // \
+        cfg.gradient_accumulation_steps
+    accelerator.print(f"resuming a checkpoint of {saved[0]} process(es) x batch {saved[1]} on "
+                      f"{world[0]} x {world[1]}: epoch {state.epoch + 1}, batch "
+                      f"{state.batches_done}/{loader_len}, optimiser step {state.step} (same "
+                      "images seen; not bit-identical to an uninterrupted run)")
+
+
+def _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, loader_len,
+                  steps_per_epoch, output_dir):
+    state = ckpt.state
+    _convert_progress(accelerator, cfg, state, loader_len, steps_per_epoch)
+    apply_checkpoint(accelerator, ckpt, model, optimizer)
+    position_scheduler(scheduler, state.step)
+    if accelerator.is_main_process:
+        set_aside_later_checkpoints(output_dir, state.step)
+        restore_best(output_dir, ckpt)
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(metrics_path):
+            # rows the interrupted run wrote after this checkpoint will be computed again
+            with open(metrics_path) as fh:
+                keep = [line for line in fh if line.strip()][:state.epoch]
+            with open(metrics_path, "w") as fh:
+                fh.writelines(keep)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"Resuming from {ckpt.path}: epoch {state.epoch + 1}, batch "
+                      f"{state.batches_done}, optimiser step {state.step}")
+
+
+def _announce(accelerator, cfg, run, state, global_batch, steps_per_epoch, output_dir):
+    n_train, n_val = len(run.train_images), len(run.val_images)
+    accelerator.print(f"{run.script}: {n_train} train / {n_val} val images, "
+                      f"{len(run.class_names)} classes; {accelerator.num_processes} "
+                      f"process(es), {accelerator.mixed_precision} precision, global batch "
+                      f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
+    config = dict(vars(cfg), lr_found=state.lr, script=run.script,
+                  num_processes=accelerator.num_processes,
+                  mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
+                  steps_per_epoch=steps_per_epoch, train_samples=n_train, val_samples=n_val,
+                  num_classes=len(run.class_names))
+    start_run(accelerator, cfg, config, output_dir, run.script, state.tracker_run_id)
+    state.tracker_run_id = tracker_run_id(accelerator) or state.tracker_run_id
+    if accelerator.is_main_process and not cfg.resume_from_checkpoint:
+        log_pictures(accelerator, {"augmentation": augmentation_preview_png(
+            run.train_images, run, os.path.join(output_dir, "augmentation.png"))}, 0)
+
+
+class _Loop:
+    """The epoch loop and its per-step hook (log, checkpoint, stop)."""
+
+    def __init__(self, accelerator, cfg, run, state, model, optimizer, scheduler,
+                 train_loader, val_loader, metrics, output_dir, frozen):
+        self.accelerator, self.cfg, self.run, self.state = accelerator, cfg, run, state
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.metrics, self.output_dir, self.frozen = metrics, output_dir, frozen
+        self.stop = StopSignal()
+        self.earlier_seconds = state.wall_seconds  # of the sessions before a resume
+
+    def run_epochs(self):
+        cfg, state = self.cfg, self.state
+        val_m = None
+        while state.epoch < max(cfg.epochs, 1):
+            stopping, row = self._epoch()
+            val_m = row.pop("_val")
+            if stopping:
+                self._stop()
+        if val_m is None:  # resumed from a checkpoint taken after the last epoch
+            val_m = evaluate(self.accelerator, self.model, self.val_loader, self.run,
+                             self.metrics)
+        return val_m
+
+    def _epoch(self):
+        accelerator, cfg, state, run = self.accelerator, self.cfg, self.state, self.run
+        epoch_t0 = time.time()
+        row = {"epoch": state.epoch + 1 if cfg.epochs else 0}
+        stopping = False
+        if cfg.epochs:
+            self._phase()
+            set_epoch(self.train_loader, state.epoch)
+            loader = (accelerator.skip_first_batches(self.train_loader, state.batches_done)
+                      if state.batches_done else self.train_loader)
+            train_t0 = time.time()
+            (loss, correct, n), stopping = train_one_epoch(
+                accelerator, self.model, loader, self.optimizer, self.scheduler, state, run,
+                self.stop, self._on_step)
+            # images/s of the whole loop (loading, forward, backward, step): what
+            # benchmarks/loader_vs_model.py compares with the bare model
+            train_m = dict(loss=loss / max(n, 1), accuracy=correct / max(n, 1),
+                           samples=int(n), seconds=time.time() - train_t0)
+            row.update({f"train_{k}": v for k, v in train_m.items()})
+            accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}\n"
+                              f"{_epoch_line('train', train_m)}")
+        val_m = evaluate(accelerator, self.model, self.val_loader, run, self.metrics)
+        accelerator.print(_epoch_line("val", val_m))
+        row.update({f"val_{k}": v for k, v in val_m.items()
+                    if k not in ("confusion_matrix", "predictions")},
+                   lr=self.optimizer.param_groups[0]["lr"],
+                   lr_groups=group_lrs(self.optimizer), seconds=time.time() - epoch_t0)
+        self._log({**{k.replace("_", "/", 1): v for k, v in row.items()
+                      if isinstance(v, (int, float)) and k != "lr"},
+                   "train/lr": row["lr"],
+                   **{f"train/lr_{k}": v for k, v in row["lr_groups"].items() if k != "head"},
+                   **{f"val/{m}/{c}": v for c, d in val_m["per_class"].items()
+                      for m, v in d.items()}})
+        self._keep_if_best(row, val_m)
+        if accelerator.is_main_process:
+            append_jsonl(os.path.join(self.output_dir, "metrics.jsonl"), row)
+        state.epoch, state.batches_done, state.train_sums = state.epoch + 1, 0, [0.0] * 3
+        if cfg.epochs and (cfg.checkpointing_steps == "epoch" or stopping):
+            self._checkpoint()
+        row["_val"] = val_m
+        return stopping, row
+
+    def _phase(self):
+        """Freeze or unfreeze for this epoch, and put the model in train mode (a frozen
+        backbone in eval mode: its BatchNorm statistics and dropout stay as pretrained)."""
+        frozen = self.run.frozen_at(self.state.epoch)
+        if frozen != self.frozen:
+            self.model = _set_phase(self.accelerator, self.model, self.run, frozen)
+            self.frozen = frozen
+        set_train_mode(self.accelerator.unwrap_model(self.model), self.run.head_names, frozen)
+        if self.run.freeze_epochs:
+            self.accelerator.print(f"epoch {self.state.epoch + 1}: " + (
+                "head only (backbone and its BatchNorm statistics frozen)" if frozen
+                else "every layer trains"))
+        self.run_frozen = frozen
+
+    def _on_step(self, window, epoch_sums, bar):
+        """After each optimiser step: at log points and checkpoints, one reduce of the sums
+        since the last log point (and the stop flag)."""
+        cfg, state = self.cfg, self.state
+        every = cfg.checkpointing_steps
+        due = every.isdigit() and state.step % int(every) == 0
+        if state.step % cfg.log_every and not due:
+            return
+        totals, stopping = reduce_sums(self.accelerator, window, self.stop)
+        window.reset()
+        check_finite(totals, state)  # never checkpoint a diverged model
+        lrs = group_lrs(self.optimizer)
+        values = {"train/loss": totals[0] / max(totals[2], 1), "train/lr": lrs["head"]
+                  if "head" in lrs else next(iter(lrs.values())),
+                  "train/epoch": state.epoch + state.batches_done / len(self.train_loader)}
+        values.update({f"train/lr_{k}": v for k, v in lrs.items() if k != "head"})
+        self._log(values)
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+        if due or stopping:
+            state.train_sums = reduce_sums(self.accelerator, epoch_sums, self.stop)[0]
+            self._checkpoint()
+        if stopping:
+            self._stop()
+
+    def _log(self, values):
+        log_metrics(self.accelerator, {**values, "train/step": self.state.step},
+                    self.state.step)
+
+    def _keep_if_best(self, row, val_m):
+        state, accelerator = self.state, self.accelerator
+        if state.best is not None and val_m["accuracy"] <= state.best["val_accuracy"]:
+            return
+        state.best = {"epoch": row["epoch"], "val_accuracy": val_m["accuracy"],
+                      "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
+                      "val_per_class": val_m["per_class"],
+                      "confusion_matrix": val_m["confusion_matrix"],
+                      "predictions": val_m["predictions"]}
+        if accelerator.is_main_process:
+            export_model(self.run.export, os.path.join(self.output_dir, "best"),
+                         dict(model=self.cfg.model, class_names=self.run.class_names,
+                              heads=list(self.run.model_heads),
+                              preprocessing=self.run.preprocessing, epoch=row["epoch"],
+                              val_accuracy=val_m["accuracy"], val_samples=val_m["samples"]))
+
+    def _checkpoint(self):
+        state = self.state
+        state.wall_seconds = self.earlier_seconds + time.time() - self.run.started
+        state.num_processes = self.accelerator.num_processes
+        state.batch_size = self.cfg.batch_size
+        state.gradient_accumulation_steps = self.cfg.gradient_accumulation_steps
+        return save_checkpoint(self.accelerator, self.output_dir, state, self.model,
+                               self.optimizer, self.cfg.checkpoints_total_limit)
+
+    def _stop(self):
+        path = self._checkpoint()
+        signum = self.stop.signum or signal.SIGTERM
+        self.accelerator.print(f"Stopped by {signal.Signals(signum).name}: saved {path}; "
+                               f"continue with --resume-from-checkpoint latest --output-dir "
+                               f"{self.output_dir}")
+        self.accelerator.end_training()
+        raise SystemExit(128 + signum)
+
+
+def _epoch_line(phase, m):
+    return f"{phase} Loss: {m['loss']:.4f} Acc: {m['accuracy']:.4f}"
+
+
+def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
+            output_dir):
+    best = state.best
+    n_val = val_m["samples"]
+    low, high = wilson_interval(round(best["val_accuracy"] * n_val), n_val)
+    results = dict(
+        script=run.script, model=cfg.model, best_val_accuracy=best["val_accuracy"],
+        best_val_accuracy_ci95=[low, high], best_val_loss=best["val_loss"],
+        best_val_macro_f1=best["val_macro_f1"], best_epoch=best["epoch"], epochs=cfg.epochs,
+        train_samples=len(run.train_images), val_samples=n_val,
+        num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+        global_batch_size=global_batch, steps_per_epoch=steps_per_epoch,
+        optimizer_steps=state.step, wall_seconds=round(wall, 2), lr=state.lr or cfg.lr,
+        final_val_accuracy=val_m["accuracy"], final_val_loss=val_m["loss"],
+        class_names=run.class_names, best_val_per_class=best["val_per_class"],
+        best_confusion_matrix=best["confusion_matrix"], **(run.extra_results or {}))
+    set_summary(accelerator, {k: results[k] for k in ("best_val_accuracy", "best_val_loss",
+                                                      "best_val_macro_f1", "best_epoch")})
+    if accelerator.is_main_process:
+        write_json(os.path.join(output_dir, "results.json"), results)
+        log_pictures(accelerator, {
+            "confusion_matrix": confusion_matrix_png(
+                best["confusion_matrix"], run.class_names,
+                os.path.join(output_dir, "confusion_matrix.png"),
+                f"Best epoch {best['epoch']} on val")}, state.step)
+        log_pictures(accelerator, {"predictions": prediction_grid_png(
+            run.val_images, best["predictions"], run,
+            os.path.join(output_dir, "predictions.png"))}, state.step)
+    accelerator.print(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
+                      f"Best val Acc: {best['val_accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}, "
+                      f"{n_val} images; epoch {best['epoch']}) -> {output_dir}")
+    accelerator.end_training()
+    return results

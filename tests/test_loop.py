@@ -1,0 +1,181 @@
+"""The training loop in-process, with the real Accelerator: skipped fp16 steps, host syncs per
+epoch, DDP built again at the unfreeze, per-rank seeds."""
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator, debug_launcher
+from torch import nn
+
+from common.checkpoint import TrainState
+from common.config import FinetuneConfig
+from common.engine import StopSignal, make_loss, train_one_epoch
+from common.optim import build_optimizer, build_scheduler, lr_factor
+from common.runtime import Run
+
+
+class TinyData(torch.utils.data.Dataset):
+    def __init__(self, n, scale=1.0):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=g) * scale
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": int(self.y[i]), "index": i}
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _run(model):
+    return Run(script="finetune", trained=model, export=model, head_names=("head",),
+               model_heads=("head",), class_names=["a", "b"], preprocessing={},
+               channels_last=False, train_images=None, val_images=None, loss=make_loss(),
+               started=0.0)
+
+
+def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None):
+    """Prepare a tiny model/optimiser/loader and train one epoch; returns what it needs."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    cfg = FinetuneConfig(lr=0.1, epochs=2, scheduler="cosine", log_every=log_every)
+    optimizer = build_optimizer(cfg, model, ("head",))
+    loader = torch.utils.data.DataLoader(TinyData(n, scale), batch_size=batch_size)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = build_scheduler(cfg, optimizer, len(loader))
+    state = TrainState()
+    seen = []
+
+    def hook(window, epoch_sums, bar):
+        seen.append(accelerator.optimizer_step_was_skipped)
+        if on_step:
+            on_step(window, epoch_sums, bar)
+
+    totals, _ = train_one_epoch(accelerator, model, loader, optimizer, scheduler, state,
+                                _run(model), StopSignal(), hook)
+    return dict(cfg=cfg, scheduler=scheduler, optimizer=optimizer, state=state,
+                totals=totals, skipped=seen, steps=len(loader))
+
+
+def test_schedule_does_not_step_when_the_fp16_scaler_skips_the_optimiser_step():
+    accelerator = Accelerator(cpu=True)
+    # a real GradScaler whose first scales overflow fp32 gradients: those steps are skipped
+    # (and the scale halved each time) exactly as fp16 training on a GPU skips them
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 126)
+    out = _epoch(accelerator, n=40, scale=100.0)
+    skipped = sum(out["skipped"])
+    assert 0 < skipped < out["steps"], out["skipped"]
+    assert out["state"].step == out["steps"]  # optimiser steps attempted
+    assert out["scheduler"].last_epoch == out["steps"] - skipped  # the schedule only moved
+    taken = out["steps"] - skipped  # on the steps the optimiser actually took
+    expected = 0.1 * lr_factor(out["cfg"], taken, out["steps"])
+    assert out["optimizer"].param_groups[0]["lr"] == pytest.approx(expected)
+    assert math.isfinite(out["totals"][0]) and out["totals"][2] == 40
+
+
+class SyncCounter:
+    """Counts the calls that copy a tensor to the host or talk to other processes, by
+    wrapping (not replacing) them."""
+
+    NAMES = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
+             (torch.Tensor, "numpy"), (torch.Tensor, "__bool__"), (torch.Tensor, "__float__")]
+
+    def __init__(self, monkeypatch, accelerator):
+        self.count = 0
+        for owner, name in self.NAMES:
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+        for name in ("reduce", "gather", "gather_for_metrics"):
+            monkeypatch.setattr(accelerator, name, self._wrap(getattr(accelerator, name)))
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return fn(*args, **kwargs)
+        return counted
+
+
+def test_an_epoch_syncs_with_the_host_a_fixed_number_of_times_not_once_per_step(monkeypatch):
+    counts = {}
+    for n in (16, 96):  # 4 and 24 optimiser steps, no log point inside the epoch
+        accelerator = Accelerator(cpu=True)
+        with monkeypatch.context() as m:
+            counter = SyncCounter(m, accelerator)
+            out = _epoch(accelerator, n=n)
+        counts[n] = counter.count
+        assert out["totals"][2] == n
+    assert counts[16] == counts[96] and counts[16] <= 3, counts
+    # a log point every 4 steps adds one reduce and one copy each: 6 log points in 24 steps
+    accelerator = Accelerator(cpu=True)
+
+    steps = []
+
+    def log_point(window, epoch_sums, bar):
+        from common.engine import reduce_sums
+
+        steps.append(1)
+        if len(steps) % 4 == 0:
+            reduce_sums(accelerator, window, StopSignal())
+
+    with monkeypatch.context() as m:
+        counter = SyncCounter(m, accelerator)
+        _epoch(accelerator, n=96, on_step=log_point)
+    assert counter.count == counts[96] + 6 * 2
+
+
+def _ddp_rewrap_worker():
+    import torch.distributed as dist
+
+    from common.models import freeze_backbone
+    from accelerate.state import AcceleratorState
+
+    from common.runtime import rewrap_ddp, seed_for_training
+
+    # forked from a pytest process whose earlier tests built a one-process Accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    rank = accelerator.process_index
+    torch.manual_seed(0)
+    model = TinyNet()
+    start = model.body[0].weight.detach().clone().flatten()
+    freeze_backbone(model, ("head",), True)  # --freeze-epochs: DDP sees only the head
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert not model.find_unused_parameters
+
+    def step():
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank + 1))  # per rank
+        loss = model(x).pow(2).mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    freeze_backbone(accelerator.unwrap_model(model), ("head",), False)
+    model = rewrap_ddp(accelerator, model)
+    assert not model.find_unused_parameters
+    step()  # the backbone now learns, from gradients averaged over both ranks
+    w = accelerator.unwrap_model(model).body[0].weight.detach().flatten()
+    everyone = [torch.zeros_like(w) for _ in range(2)]
+    dist.all_gather(everyone, w)
+    assert torch.equal(everyone[0], everyone[1]), "ranks diverged after the unfreeze"
+    assert not torch.equal(w, start)
+    seed_for_training(accelerator, 42)
+    draws = [torch.zeros(3) for _ in range(2)]
+    dist.all_gather(draws, torch.rand(3))
+    assert not torch.equal(draws[0], draws[1]), "dropout masks would be identical on all ranks"
+
+
+def test_unfreezing_rebuilds_ddp_so_backbone_gradients_are_averaged_and_seeds_differ():
+    debug_launcher(_ddp_rewrap_worker, num_processes=2)
