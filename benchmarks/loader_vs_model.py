@@ -80,6 +80,9 @@ def train_rate(args):
 
 
 def main():
+    from machine import describe
+
+    print(f"machine: {describe()}", flush=True)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="timm:tf_efficientnet_lite0")

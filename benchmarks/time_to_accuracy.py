@@ -47,6 +47,9 @@ def run(script, args, out, config):
 
 
 def main():
+    from machine import describe
+
+    print(f"machine: {describe()}", flush=True)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--script", choices=["extractor", "finetune", "both"], default="both")

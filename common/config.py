@@ -35,8 +35,11 @@ class TrainConfig:
     # data
     data_dir: Optional[str] = opt(None, "image folder with train/ and val/ class sub-folders "
                                   "(no val/: a stratified --val-fraction is split off train/). "
-                                  "Without --data-dir or --dataset, the tutorial's ants/bees set "
-                                  "is downloaded into data/")
+                                  "Without --data-dir or --dataset: the tutorial's ants/bees "
+                                  "set, from the compact copy shipped with the package")
+    download_original_data: bool = opt(False, "without --data-dir or --dataset, download the "
+                                       "tutorial's original ants/bees archive into data/ "
+                                       "instead of using the shipped compact copy")
     dataset: Optional[str] = opt(None, "a Hugging Face Hub dataset name, or a local folder "
                                  "of parquet/arrow files or a save_to_disk() folder")
     image_column: str = opt("image", "image column of --dataset")
@@ -51,8 +54,9 @@ class TrainConfig:
                            "(-1: the cores left after the training processes' torch threads, at most 8; "
                            "0 when training on a CPU that torch already fills)")
     # model
-    model: str = opt("resnet18", "backbone: a torchvision name (resnet18, torchvision:NAME) "
-                     "or timm:NAME")
+    model: str = opt("efficientnet_lite0", "backbone: efficientnet_lite0 (ImageNet weights "
+                     "installed with the package), a torchvision name (resnet18, the "
+                     "tutorial's; torchvision:NAME) or timm:NAME")
     weights: Optional[str] = opt(None, "local pretrained weights (.safetensors, or a torch "
                                  "file loaded weights-only) instead of the library's download")
     pretrained: bool = opt(True, "start from pretrained weights (--no-pretrained: random init)")
@@ -230,6 +234,8 @@ def _validate(parser, cfg):
         (cfg.num_workers >= -1, "--num-workers must be >= 0 (or -1 for automatic)"),
         (getattr(cfg, "feature_views", 0) >= 0, "--feature-views must be >= 0"),
         (not (cfg.data_dir and cfg.dataset), "give --data-dir or --dataset, not both"),
+        (not (cfg.download_original_data and (cfg.data_dir or cfg.dataset)),
+         "--download-original-data is for runs without --data-dir or --dataset"),
         (not (cfg.weights and not cfg.pretrained), "--weights and --no-pretrained contradict"),
         (cfg.checkpointing_steps in ("epoch", "no") or (cfg.checkpointing_steps.isdigit()
                                                        and int(cfg.checkpointing_steps) > 0),

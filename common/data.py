@@ -27,7 +27,7 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from common.download import ensure_hymenoptera
+from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
@@ -334,16 +334,21 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
 
 def load_data(cfg, accelerator):
     """(train, val, class_names) from --data-dir, --dataset, or the tutorial's ants/bees set
-    (downloaded into data/ by the main process first when neither flag is given), without
-    the images that do not decode."""
+    (the compact copy shipped with the package; --download-original-data: the original
+    archive, downloaded into data/ by the main process first), without the images that do
+    not decode."""
     if cfg.dataset:
         with accelerator.main_process_first():  # one process fills the datasets cache
             train, val, classes = load_hub_dataset(cfg)
     else:
         data_dir = cfg.data_dir
-        if data_dir is None:
+        if data_dir is None and cfg.download_original_data:
             with accelerator.main_process_first():
                 data_dir = ensure_hymenoptera("data")
+        elif data_dir is None:
+            with contextlib.redirect_stderr(sys.stderr if accelerator.is_main_process
+                                            else io.StringIO()):
+                data_dir = bundled_hymenoptera()
         train, val, classes = load_image_folder(data_dir, cfg.val_fraction, cfg.seed)
     # Every rank checks (the same files, the same verdicts); only the main one reports.
     with contextlib.redirect_stdout(sys.stdout if accelerator.is_main_process else io.StringIO()):

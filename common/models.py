@@ -36,7 +36,12 @@ def in_heads(name, head_names):
 
 
 def split_model_name(name):
-    """'resnet18' -> ('torchvision', 'resnet18'); 'timm:convnext_tiny' -> ('timm', ...)."""
+    """'resnet18' -> ('torchvision', 'resnet18'); 'timm:convnext_tiny' -> ('timm', ...);
+    'efficientnet_lite0' -> ('bundled', ...): weights installed with the package."""
+    from common.pretrained import BUNDLED
+
+    if name in BUNDLED:
+        return "bundled", name
     library, _, arch = name.rpartition(":")
     return (library or "torchvision"), arch
 
@@ -50,6 +55,8 @@ def _torchvision_names():
 def check_model_name(name):
     """Raise ValueError, with close names as suggestions, unless `name` is a known model."""
     library, arch = split_model_name(name)
+    if library == "bundled":
+        return
     if library == "torchvision":
         known = _torchvision_names()
     elif library == "timm":
@@ -185,18 +192,23 @@ def _has_module(model, name):
 def build_model(name, num_classes, pretrained=True, weights=None):
     """Return Built(model, head_names, preprocessing) with new `num_classes` heads."""
     library, arch = split_model_name(name)
-    if library == "timm":
+    if library in ("timm", "bundled"):
         import timm
 
-        if pretrained and weights is None:
+        from common.pretrained import BUNDLED, bundled_state_dict
+
+        hub = library == "timm" and pretrained and weights is None
+        if hub:
             _hub_offline_if_unreachable()
         try:
-            model = timm.create_model(arch, pretrained=pretrained and weights is None)
+            model = timm.create_model(BUNDLED.get(arch, arch), pretrained=hub)
         except OSError as e:  # no network / not in the Hub cache
             raise _download_failed(name, e) from None
         head_names = _timm_heads(model)
         if weights:
             load_into(model, load_weights_file(weights), head_names, weights)
+        elif library == "bundled" and pretrained:
+            model.load_state_dict(bundled_state_dict(arch, model))
         model.reset_classifier(num_classes)  # every head (timm resets head_dist too)
         head_names = _timm_heads(model)
         preprocessing = _preprocessing_timm(model)

@@ -126,7 +126,10 @@ def setup_run(cfg, script):
         log_with=log_with,
         # Shuffle with seed + epoch, the same permutation on every rank (each takes its shard),
         # reproducible after a resume without replaying earlier epochs.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # Batches are copied to the GPU without blocking the host (the loaders pin memory
+        # when CUDA is there): a blocking copy would be a host sync per step.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                  non_blocking=torch.cuda.is_available()),
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
     )

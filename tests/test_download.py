@@ -61,6 +61,7 @@ def test_no_network_fails_fast_naming_data_dir(tmp_path, offline_env):
     env = dict(offline_env, TL_HYMENOPTERA_URL="http://127.0.0.1:9/hymenoptera_data.zip")
     t0 = time.time()
     proc = run_script("train_finetune.py", ["--model", "timm:test_resnet", "--no-pretrained",
+                                            "--download-original-data",
                                             "--output-dir", tmp_path / "run",
                                             "--report-to", "none"], env, cwd=tmp_path)
     assert proc.returncode == 2

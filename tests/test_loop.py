@@ -51,7 +51,8 @@ def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None
     model = TinyNet()
     cfg = FinetuneConfig(lr=0.1, epochs=2, scheduler="cosine", log_every=log_every)
     optimizer = build_optimizer(cfg, model, ("head",))
-    loader = torch.utils.data.DataLoader(TinyData(n, scale), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(TinyData(n, scale), batch_size=batch_size,
+                                         pin_memory=torch.cuda.is_available())
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     state = TrainState()

@@ -279,3 +279,21 @@ def test_two_process_run_is_one_wandb_run_and_resume_reuses_its_id(data, tmp_pat
            offline_env, nproc=2)
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 2 and {r.rsplit("-", 1)[1] for r in runs} == {run_id}
+    # the resumed run logs epoch 2 again, at optimiser step 6 (2 x 3 steps): W&B's own step
+    # must keep growing (an explicit step it has passed is dropped when synced), and the
+    # charts use train/step
+    resumed = max(runs, key=os.path.getmtime)
+    records = _records(resumed)
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    assert [h["_step"] for h in history] == list(range(len(history)))
+    assert any(h.get("epoch") == 2 and h.get("train/step") == 6 for h in history)
+    assert any(r.get("type") == "metric" and r["metric"].get("step_metric") == "train/step"
+               for r in records)
+
+
+def _records(run_dir):
+    """Every record of an offline W&B run, through wandb's own reader."""
+    exe = os.path.join(os.path.dirname(sys.executable), "wandb")
+    out = subprocess.run([exe, "leet", "inspect", "--json", run_dir], capture_output=True,
+                         text=True, timeout=120).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -1,0 +1,62 @@
+"""Host syncs per training epoch, on whatever device is here: they must not grow with the
+number of steps (a sync per step stalls a GPU's queue of kernels).
+
+    python benchmarks/loop_syncs.py
+
+Runs `common.engine.train_one_epoch` on a small MLP for epochs of 8 and 32 optimiser steps,
+no log point inside, and prints the syncs counted in each. On CUDA the count is CUDA's own
+(`torch.cuda.set_sync_debug_mode("warn")`: every synchronising call warns); on a CPU, the
+calls that copy to the host or talk to other processes (as tests/test_loop.py counts them).
+fp32 and bf16 only: fp16's GradScaler reads its overflow flag on the host at every step, which
+is inherent to loss scaling.
+"""
+
+import os
+import sys
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+
+from machine import describe  # noqa: E402
+from test_loop import _epoch  # noqa: E402
+
+
+def cuda_syncs(accelerator, n):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _epoch(accelerator, n=n, batch_size=4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def main():
+    print(f"machine: {describe()}")
+    # as common/runtime.py builds it: non-blocking copies of pinned batches
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    for steps in (8, 32):
+        if torch.cuda.is_available():
+            count = cuda_syncs(accelerator, steps * 4)
+        else:
+            import pytest
+
+            with pytest.MonkeyPatch.context() as m:
+                from test_loop import SyncCounter
+
+                counter = SyncCounter(m, accelerator)
+                _epoch(accelerator, n=steps * 4, batch_size=4)
+                count = counter.count
+        print(f"{steps:3d} optimiser steps: {count} host syncs ({accelerator.device})")
+
+
+if __name__ == "__main__":
+    main()
