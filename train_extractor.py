@@ -19,9 +19,9 @@ STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wa
 from torch import nn  # noqa: E402
 
 from common.config import ExtractorConfig, parse_config  # noqa: E402
-from common.data import build_dataloaders, load_data, num_workers  # noqa: E402
-from common.engine import make_loss  # noqa: E402
-from common.errors import cli  # noqa: E402
+from common.data import build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
+from common.engine import BatchMix, make_loss  # noqa: E402
+from common.errors import UserError, cli  # noqa: E402
 from common.features import cached_feature_loaders  # noqa: E402
 from common.models import build_model, freeze_backbone  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
@@ -37,9 +37,15 @@ def main(argv=None):
     built = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
     freeze_backbone(built.model, built.head_names)  # requires_grad only on the heads
     channels_last = use_channels_last(cfg, accelerator)
+    if cfg.cutmix and cfg.cache_features:
+        raise UserError("--cutmix cuts images, and cached features are vectors: add "
+                        "--no-cache-features (--mixup works on both)")
+    weights = class_weights(cfg, train_ds["label"], len(class_names))
     common = dict(script="extractor", export=built.model, model_heads=built.head_names,
                   class_names=class_names, preprocessing=built.preprocessing,
-                  loss=make_loss(cfg.label_smoothing), started=STARTED)
+                  loss=make_loss(cfg.label_smoothing, weights), started=STARTED,
+                  mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
+                  if cfg.mixup or cfg.cutmix else None)
     if cfg.cache_features:
         heads, train_loader, val_loader, train_images, val_images, info = \
             cached_feature_loaders(accelerator, cfg, built.model, built.head_names, train_ds,

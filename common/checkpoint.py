@@ -118,11 +118,12 @@ def _complete_checkpoints(root):
 _saved_here = set()  # checkpoint folders this process wrote (a step and an epoch end coincide)
 
 
-def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limit):
+def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limit, extra=None):
     """All ranks (each writes its RNG states; the main one the rest) into a temporary folder,
     then (main) a manifest, an atomic rename to checkpoints/step-N, the `latest` pointer, and
     pruning to the last `total_limit`. A kill at any point leaves `latest` naming a complete
-    checkpoint. `state.train_sums` must already hold the sums over all processes."""
+    checkpoint. `state.train_sums` must already hold the sums over all processes. `extra`:
+    more state dicts by name (e.g. the EMA), saved as NAME.safetensors."""
     root = os.path.join(output_dir, CHECKPOINTS)
     name = f"step-{state.step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -137,6 +138,8 @@ def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limi
         save_file(cpu_state_dict(accelerator.unwrap_model(model)),
                   os.path.join(tmp, "model.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        for name, extra_state in (extra or {}).items():
+            save_file(cpu_state_dict(extra_state), os.path.join(tmp, f"{name}.safetensors"))
         scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
         write_json(os.path.join(tmp, "train_state.json"),
                    dict(format=FORMAT, train_state=dataclasses.asdict(state), scaler=scaler))
@@ -196,6 +199,7 @@ class Checkpoint:
     scaler: Optional[dict]
     rng: dict            # process index -> RNG state
     best: dict           # file name -> bytes of best/
+    extra: dict = field(default_factory=dict)  # name -> state dict (e.g. "ema")
 
 
 def _refuse(path, rel, why):
@@ -240,9 +244,11 @@ def read_checkpoint(path):
     doc = parse("train_state.json", "json")
     if not isinstance(doc, dict) or not isinstance(doc.get("train_state"), dict):
         raise _refuse(path, "train_state.json", "holds no train state")
-    rng, best = {}, {}
+    rng, best, extra = {}, {}, {}
     for rel in raw:
-        if rel.startswith("rng-") and rel.endswith(".json"):
+        if "/" not in rel and rel.endswith(".safetensors") and rel != "model.safetensors":
+            extra[rel[:-len(".safetensors")]] = parse(rel, "safetensors")
+        elif rel.startswith("rng-") and rel.endswith(".json"):
             rng[int(rel[4:-5])] = parse(rel, "json")
         elif rel.startswith("best/"):
             if rel.endswith(".json"):
@@ -253,7 +259,7 @@ def read_checkpoint(path):
     return Checkpoint(path=path, state=TrainState.from_dict(doc["train_state"]),
                       model=parse("model.safetensors", "safetensors"),
                       optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
-                      rng=rng, best=best)
+                      rng=rng, best=best, extra=extra)
 
 
 def set_aside_later_checkpoints(output_dir, step):

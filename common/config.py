@@ -25,6 +25,11 @@ def float_or_auto(text):
     return "auto" if str(text).strip().lower() == "auto" else float(text)
 
 
+def int_or_auto(text):
+    """--epochs: a number, or 'auto' (a budget of optimiser steps, see --budget-steps)."""
+    return "auto" if str(text).strip().lower() == "auto" else int(text)
+
+
 def opt(default, help, **kwargs):
     """A config field with its help text (and optional argparse `choices`)."""
     return field(default=default, metadata=dict(help=help, **kwargs))
@@ -81,6 +86,35 @@ class TrainConfig:
     gamma: float = opt(0.1, "--scheduler step: decay factor (tutorial: 0.1)")
     train_crop_scale: float = opt(0.08, "RandomResizedCrop's smallest area fraction "
                                   "(tutorial and torchvision default: 0.08)")
+    augment: str = opt("basic", "training augmentation after RandomResizedCrop + flip: basic "
+                       "(nothing more), trivial (TrivialAugmentWide), randaugment (RandAugment)",
+                       choices=("basic", "trivial", "randaugment"))
+    random_erasing: float = opt(0.0, "probability of RandomErasing on each training image")
+    mixup: float = opt(0.0, "MixUp alpha (0: off); per batch, seeded by (seed, epoch, batch)")
+    cutmix: float = opt(0.0, "CutMix alpha (0: off); with --mixup too, each batch gets one "
+                        "of them")
+    class_weights: str = opt("none", "loss weights per class: auto = inverse frequency in "
+                             "train (for imbalanced classes)", choices=("none", "auto"))
+    sampler: str = opt("random", "training order: random (shuffled), or balanced (each class "
+                       "drawn equally often, with replacement)", choices=("random", "balanced"))
+    select_metric: str = opt("accuracy", "val metric that picks the best epoch (and stops "
+                             "early with --patience)",
+                             choices=("accuracy", "macro_f1", "balanced_accuracy", "loss"))
+    patience: int = opt(0, "stop after N evaluations without a better --select-metric "
+                        "(0: never); the best model is kept")
+    model_ema: bool = opt(False, "also keep an exponential moving average of the weights, "
+                          "evaluated every epoch and exported when it is the better model")
+    model_ema_decay: float = opt(0.998, "--model-ema: weight of the old average at each "
+                                 "optimiser step")
+    feature_views: int = opt(1, "cached features: training views per image; 0 = one "
+                             "un-augmented centre view; K >= 1 = K augmented views (epoch e "
+                             "uses view e mod K); extraction costs K forward passes per image")
+    feature_cache_dir: Optional[str] = opt(None, "where cached features live (default: "
+                                           "~/.cache/transfer-learning/features)")
+    extract_precision: str = opt("auto", "precision of the frozen backbone's forward when "
+                                 "caching features (auto: bf16 on GPUs and CPUs with native "
+                                 "bf16, else fp32; features are stored in fp32)",
+                                 choices=("auto", "fp32", "bf16"))
     channels_last: Optional[bool] = opt(None, "channels-last memory format; default: on "
                                         "(faster convolutions on GPUs and fp32 CPUs), except "
                                         "bf16 on CPUs without native bf16, where it is slower")
@@ -112,19 +146,27 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """train_finetune.py: every layer is trained (after --freeze-epochs of head only).
-    Defaults measured on ants/bees with EfficientNet-Lite0 (benchmarks/README.md): one
-    head-only epoch, then 3 of every layer with the backbone at a tenth of the head's rate,
-    label smoothing 0.1; the best epoch comes early, later ones only overfit 244 images."""
+    """train_finetune.py: a linear probe first (the new head trained on cached features of the
+    frozen backbone, as train_extractor.py does), then every layer. Defaults chosen on five
+    datasets (benchmarks/README.md)."""
 
-    epochs: int = opt(4, "training epochs, --freeze-epochs included (0: only evaluate)")
+    epochs: object = opt("auto", "fine-tuning epochs (0: only evaluate; auto: enough for "
+                         "--budget-steps optimiser steps)", parse=int_or_auto)
+    budget_steps: int = opt(150, "--epochs auto: fine-tune for at least this many optimiser "
+                            "steps (a few hundred images get more epochs than thousands)")
+    probe_epochs: int = opt(10, "linear probe first (LP-FT): train the new head for N epochs "
+                            "on cached features of the frozen backbone (seconds), evaluate it "
+                            "as epoch 0, then fine-tune every layer from it (0: random head)")
+    probe_lr: float = opt(0.03, "learning rate of the linear probe")
     label_smoothing: float = opt(0.1, "label smoothing of the training loss (the val loss "
                                  "stays plain cross-entropy)")
-    freeze_epochs: int = opt(1, "train only the new head for the first N epochs (backbone "
-                             "frozen, BatchNorm statistics included), then every layer")
+    freeze_epochs: int = opt(0, "train only the new head for the first N epochs on the fly "
+                             "(backbone frozen, BatchNorm statistics included), then every layer")
     backbone_lr_mult: float = opt(0.1, "backbone learning rate = head lr x this")
     layer_decay: Optional[float] = opt(None, "layer-wise lr decay D (timm-style): a backbone "
                                        "layer k below the top learns at lr x mult x D^k")
+    bn_eval: bool = opt(False, "keep BatchNorm layers in eval mode (running statistics as "
+                        "pretrained) while every layer trains")
 
 
 @dataclass
@@ -136,15 +178,6 @@ class ExtractorConfig(TrainConfig):
     epochs: int = opt(10, "training epochs (cheap with cached features; 0: only evaluate)")
     cache_features: bool = opt(True, "compute the frozen backbone's features once and train "
                                "the head on them (--no-cache-features: every epoch, on the fly)")
-    feature_views: int = opt(1, "training views per image: 0 = one un-augmented centre view; "
-                             "K >= 1 = K augmented views (epoch e uses view e mod K); "
-                             "extraction costs K forward passes per training image")
-    feature_cache_dir: Optional[str] = opt(None, "where cached features live (default: "
-                                           "~/.cache/transfer-learning/features)")
-    extract_precision: str = opt("auto", "precision of the frozen backbone's forward when "
-                                 "caching features (auto: bf16 on GPUs and CPUs with native "
-                                 "bf16, else fp32; features are stored in fp32)",
-                                 choices=("auto", "fp32", "bf16"))
 
 
 def _flag(name):
@@ -213,7 +246,13 @@ def _read_yaml(parser, path, cls):
 def _validate(parser, cfg):
     """Reject values that cannot work, at parse time, naming the flag."""
     checks = [
-        (cfg.epochs >= 0, "--epochs must be >= 0"),
+        (cfg.epochs == "auto" or cfg.epochs >= 0, "--epochs must be >= 0 (or auto)"),
+        (getattr(cfg, "budget_steps", 1) >= 1, "--budget-steps must be >= 1"),
+        (getattr(cfg, "probe_epochs", 0) >= 0, "--probe-epochs must be >= 0"),
+        (cfg.patience >= 0, "--patience must be >= 0"),
+        (0 <= cfg.random_erasing <= 1, "--random-erasing must be in [0, 1]"),
+        (cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+        (0 < cfg.model_ema_decay < 1, "--model-ema-decay must be in (0, 1)"),
         (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1"),
         (cfg.lr == "auto" or cfg.lr > 0, "--lr must be > 0 (or auto)"),
@@ -224,7 +263,8 @@ def _validate(parser, cfg):
         (getattr(cfg, "backbone_lr_mult", 1) >= 0, "--backbone-lr-mult must be >= 0"),
         (getattr(cfg, "layer_decay", None) is None or 0 < cfg.layer_decay <= 1,
          "--layer-decay must be in (0, 1]"),
-        (not (cfg.scheduler == "onecycle" and cfg.epochs and cfg.warmup_epochs >= cfg.epochs),
+        (not (cfg.scheduler == "onecycle" and cfg.epochs not in (0, "auto")
+              and cfg.warmup_epochs >= cfg.epochs),
          "--warmup-epochs must be shorter than --epochs for --scheduler onecycle"),
         (cfg.weight_decay >= 0, "--weight-decay must be >= 0"),
         (cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),

@@ -234,18 +234,68 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def build_transforms(preprocessing, train_crop_scale=0.08):
-    """(train, eval) transforms from the model's preprocessing config."""
+def build_transforms(preprocessing, train_crop_scale=0.08, augment="basic", random_erasing=0.0):
+    """(train, eval) transforms from the model's preprocessing config. Training: the
+    tutorial's RandomResizedCrop + horizontal flip, then optionally TrivialAugmentWide or
+    RandAugment, and RandomErasing (after normalising: erased pixels become the mean)."""
     p = preprocessing
     interp = v2.InterpolationMode(p["interpolation"])
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=p["mean"], std=p["std"])]
+    policy = {"basic": [], "trivial": [v2.TrivialAugmentWide(interpolation=interp)],
+              "randaugment": [v2.RandAugment(interpolation=interp)]}[augment]
+    erase = [v2.RandomErasing(p=random_erasing)] if random_erasing > 0 else []
     train = v2.Compose([v2.RandomResizedCrop(p["input_size"], scale=(train_crop_scale, 1.0),
                                              interpolation=interp, antialias=True),
-                        v2.RandomHorizontalFlip(), *tail])
+                        v2.RandomHorizontalFlip(), *policy, *tail, *erase])
     evaluation = v2.Compose([v2.Resize(p["resize"], interpolation=interp, antialias=True),
                              v2.CenterCrop(p["input_size"]), *tail])
     return train, evaluation
+
+
+def training_transforms(preprocessing, cfg):
+    """build_transforms with the run's augmentation flags."""
+    return build_transforms(preprocessing, cfg.train_crop_scale, cfg.augment, cfg.random_erasing)
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """--sampler balanced: each epoch draws len(labels) indices with replacement, every class
+    equally likely, from a generator seeded by (seed, epoch): the same order on every
+    process (Accelerate then gives each its share) and after a resume."""
+
+    def __init__(self, labels, seed):
+        labels = torch.as_tensor(labels)
+        counts = torch.bincount(labels).clamp(min=1).double()
+        self.weights = 1.0 / counts[labels]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.weights)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [self.seed, self.epoch, 1]).generate_state(1)[0]))
+        return iter(torch.multinomial(self.weights, len(self.weights), replacement=True,
+                                      generator=g).tolist())
+
+
+def class_weights(cfg, labels, num_classes):
+    """--class-weights auto: N / (classes x count of the class), so that every class weighs
+    as much in the loss as a balanced set would make it (None: plain mean)."""
+    if cfg.class_weights != "auto":
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).clamp(min=1)
+    return (len(labels) / (num_classes * counts.double())).tolist()
+
+
+def train_order(cfg, labels):
+    """DataLoader keyword arguments for the training order (--sampler)."""
+    if cfg.sampler == "balanced":
+        return dict(sampler=BalancedSampler(labels, cfg.seed))
+    return dict(shuffle=True)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -317,7 +367,7 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
     comes from Accelerate's seedable sampler (see runtime.py), seeded with --seed + epoch.
     `views`: None = a new augmentation every epoch; K >= 1 = K augmentations per image,
     cycled; 0 = no augmentation (the evaluation transform, centre crop)."""
-    train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
+    train_tf, eval_tf = training_transforms(preprocessing, cfg)
     train_tf = eval_tf if views == 0 else train_tf
     workers = num_workers(cfg, num_processes)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
@@ -327,7 +377,7 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
                   generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = torch.utils.data.DataLoader(
         ImageDataset(train, train_tf, seed=None if views == 0 else cfg.seed, views=views),
-        shuffle=True, **common)
+        **train_order(cfg, train["label"]), **common)
     val_loader = torch.utils.data.DataLoader(ImageDataset(val, eval_tf), shuffle=False, **common)
     return train_loader, val_loader
 

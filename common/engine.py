@@ -21,8 +21,10 @@ Global batch = batch-size x processes x gradient-accumulation-steps.
 import math
 import signal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from common.errors import UserError
@@ -43,13 +45,42 @@ class StopSignal:
         self.signum = signum
 
 
-def make_loss(label_smoothing=0.0):
-    """Per-sample cross-entropy of the training objective (the val loss stays plain)."""
+def make_loss(label_smoothing=0.0, class_weights=None):
+    """Per-sample cross-entropy of the training objective (the val loss stays plain).
+    `labels` are class indices, or class probabilities (MixUp/CutMix); `class_weights`
+    (--class-weights auto) weigh each sample by its class."""
+    weights = {}
 
     def loss(logits, labels):
-        return F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+        w = None
+        if class_weights is not None:
+            w = weights.setdefault(logits.device, torch.as_tensor(
+                class_weights, dtype=logits.dtype, device=logits.device))
+        return F.cross_entropy(logits, labels, weight=w, reduction="none",
+                               label_smoothing=label_smoothing)
 
     return loss
+
+
+class BatchMix:
+    """--mixup / --cutmix: torchvision's MixUp or CutMix (one of them, chosen per batch when
+    both are on) on a training batch, under an RNG seeded by (seed, epoch, batch, process):
+    the same mix after a resume. Features (2-D batches) take MixUp only."""
+
+    def __init__(self, mixup, cutmix, num_classes, seed):
+        ops = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
+              ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+        self.op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+        self.mixup_only = v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup else None
+        self.seed = seed
+
+    def __call__(self, x, y, key):
+        with torch.random.fork_rng(devices=[]):  # MixUp/CutMix draw on the CPU
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, *key, 2]).generate_state(1)[0]))
+            if x.ndim == 4:
+                return self.op(x, y)
+            mixed, target = self.mixup_only(x[:, :, None, None], y)
+            return mixed[:, :, 0, 0], target
 
 
 def model_inputs(batch, channels_last):
@@ -59,13 +90,18 @@ def model_inputs(batch, channels_last):
     return x, batch["labels"]
 
 
-def train_step(accelerator, model, optimizer, batch, run):
+def train_step(accelerator, model, optimizer, batch, run, key=(0, 0, 0)):
     """Forward, per-sample loss, backward and (once the accumulation window is full)
-    optimiser step. Returns (per-sample losses, logits), detached, still on the device."""
-    x, y = model_inputs(batch, run.channels_last)
+    optimiser step. `key` (epoch, batch, process) seeds --mixup/--cutmix. Returns
+    (per-sample losses, logits), detached, still on the device."""
+    x, y = batch["pixel_values"], batch["labels"]
+    target = y
+    if run.mix is not None:
+        x, target = run.mix(x, y, key)
+    x, _ = model_inputs({"pixel_values": x, "labels": y}, run.channels_last)
     with accelerator.accumulate(model):
         logits = model(x)
-        per_sample = run.loss(logits.float(), y)
+        per_sample = run.loss(logits.float(), target)
         accelerator.backward(per_sample.mean())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,7 +158,8 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
                initial=state.batches_done, total=state.batches_done + len(loader),
                disable=not accelerator.is_local_main_process)
     for batch in bar:
-        per_sample, logits = train_step(accelerator, model, optimizer, batch, run)
+        key = (state.epoch, state.batches_done, accelerator.process_index)
+        per_sample, logits = train_step(accelerator, model, optimizer, batch, run, key)
         weight = _real_samples(accelerator, len(per_sample))
         correct = (logits.argmax(-1) == batch["labels"]).float()
         epoch_sums.add(per_sample, correct, weight)

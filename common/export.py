@@ -19,17 +19,20 @@ from common.files import new_temp_dir, replace_dir, write_json
 EXPORT_FORMAT = 1
 
 
-def cpu_state_dict(model):
-    """fp32 CPU copies of a model's tensors. contiguous(): channels-last tensors are strided
-    views that safetensors refuses."""
+def cpu_state_dict(state):
+    """fp32 CPU copies of a state dict's tensors (or a module's). contiguous(): channels-last
+    tensors are strided views that safetensors refuses."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
     return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-            .contiguous() for k, v in model.state_dict().items()}
+            .contiguous() for k, v in state.items()}
 
 
-def export_model(model, out_dir, meta):
-    """Write `model`'s weights and `meta` to `out_dir`, replacing any previous export whole."""
+def export_model(state, out_dir, meta):
+    """Write a model's weights (a module or its state dict) and `meta` to `out_dir`,
+    replacing any previous export whole."""
     tmp = new_temp_dir(os.path.dirname(os.path.abspath(out_dir)), ".export-")
-    save_file(cpu_state_dict(model), os.path.join(tmp, "model.safetensors"))
+    save_file(cpu_state_dict(state), os.path.join(tmp, "model.safetensors"))
     write_json(os.path.join(tmp, "model.json"), dict(format=EXPORT_FORMAT, **meta))
     replace_dir(tmp, out_dir)
 

@@ -41,7 +41,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from common import mmap_tensors
-from common.data import ImageDataset, build_transforms, image_identities
+from common.data import ImageDataset, image_identities, train_order, training_transforms
 from common.errors import UserError
 from common.models import in_heads
 from common.runtime import cpu_has_native_bf16
@@ -112,6 +112,7 @@ def cache_key(model, head_names, cfg, preprocessing, identities, settings):
     h = hashlib.sha256()
     h.update(json.dumps(dict(model=cfg.model, preprocessing=preprocessing,
                              views=cfg.feature_views, crop_scale=cfg.train_crop_scale,
+                             augment=cfg.augment, random_erasing=cfg.random_erasing,
                              seed=cfg.seed, format=FORMAT, **settings),
                         sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
@@ -182,7 +183,7 @@ def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, prep
     """(FeatureHeads to train, train loader, val loader, train images, val images, info)
     over cached features; extracts them first when the cache has no entry for this exact
     model, data, transform and precision."""
-    train_tf, eval_tf = build_transforms(preprocessing, cfg.train_crop_scale)
+    train_tf, eval_tf = training_transforms(preprocessing, cfg)
     views = max(cfg.feature_views, 1)
     train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views)
                     if cfg.feature_views else ImageDataset(train, eval_tf))
@@ -239,8 +240,9 @@ def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, prep
     heads = FeatureHeads([model.get_submodule(h) for h in head_names], dims)
     loader_args = dict(batch_size=cfg.batch_size, num_workers=0,
                        generator=torch.Generator().manual_seed(cfg.seed))
+    train_labels = torch.tensor(train["label"])
     train_loader = torch.utils.data.DataLoader(
-        FeatureDataset(cached["train"], torch.tensor(train["label"])), shuffle=True,
+        FeatureDataset(cached["train"], train_labels), **train_order(cfg, train_labels),
         **loader_args)
     val_loader = torch.utils.data.DataLoader(
         FeatureDataset(cached["val"], torch.tensor(val["label"])), shuffle=False, **loader_args)

@@ -65,7 +65,7 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen)
     the other groups scale with it). Writes lr_find.json and lr_find.png."""
     steps = cfg.find_lr_steps
     saved = _snapshot(accelerator, model, optimizer)
-    set_train_mode(accelerator.unwrap_model(model), run.head_names, frozen)
+    set_train_mode(accelerator.unwrap_model(model), run.head_names, frozen, run.bn_eval)
     lrs, raw, smoothed = [], [], []
     avg, window, epoch = 0.0, [], 0
     while len(lrs) < steps:
@@ -74,7 +74,8 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen)
             if not window:  # first micro-batch of an optimiser step: its lr
                 lr = START_LR * (END_LR / START_LR) ** (len(lrs) / (steps - 1))
                 set_peak_lr(optimizer, lr)
-            per_sample, _ = train_step(accelerator, model, optimizer, batch, run)
+            per_sample, _ = train_step(accelerator, model, optimizer, batch, run,
+                                       (-1, len(lrs), accelerator.process_index))
             window.append(per_sample.mean())
             if not accelerator.sync_gradients:
                 continue

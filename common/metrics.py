@@ -21,15 +21,22 @@ def load_metrics():
 
 
 def compute_metrics(metrics, predictions, references, class_names):
-    """accuracy, macro F1, and per-class precision/recall/F1 + confusion matrix."""
+    """accuracy, macro F1, balanced accuracy (mean per-class recall), and per-class
+    precision/recall/F1 + confusion matrix."""
     predictions, references = predictions.tolist(), references.tolist()
     acc = metrics["accuracy"].compute(predictions=predictions, references=references)
     pc = metrics["per_class"].compute(predictions=predictions, references=references,
                                       num_classes=len(class_names))
     per_class = {name: {"precision": pc["precision"][i], "recall": pc["recall"][i],
                         "f1": pc["f1"][i]} for i, name in enumerate(class_names)}
-    return {"accuracy": acc["accuracy"], "macro_f1": pc["macro_f1"], "per_class": per_class,
+    return {"accuracy": acc["accuracy"], "macro_f1": pc["macro_f1"],
+            "balanced_accuracy": pc["macro_recall"], "per_class": per_class,
             "confusion_matrix": pc["confusion_matrix"]}
+
+
+def score(m, metric):
+    """--select-metric as a number where higher is better."""
+    return -m["loss"] if metric == "loss" else m[metric]
 
 
 def wilson_interval(correct, n, z=1.96):

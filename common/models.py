@@ -238,13 +238,18 @@ def freeze_backbone(model, head_names, frozen=True):
         p.requires_grad_(not frozen or in_heads(name, head_names))
 
 
-def set_train_mode(model, head_names, frozen_backbone):
+def set_train_mode(model, head_names, frozen_backbone, bn_eval=False):
     """model.train(), except that a frozen backbone stays in eval mode: its BatchNorm running
     statistics are not updated and its dropout is off, so it computes exactly the pretrained
-    features."""
+    features. `bn_eval` (--bn-eval): every BatchNorm layer stays in eval mode (statistics as
+    pretrained) while the weights train."""
     if frozen_backbone and head_names:
         model.eval()
         for h in head_names:
             model.get_submodule(h).train()
     else:
         model.train()
+        if bn_eval:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()

@@ -47,6 +47,9 @@ class Run:
     started: float                # time.time() at the script's first line
     freeze_epochs: Optional[int] = 0  # head-only epochs first; None: the backbone never trains
     extra_results: Optional[dict] = None  # e.g. the feature cache's figures
+    mix: Optional[Callable] = None  # --mixup/--cutmix: (x, labels, key) -> (x, soft targets)
+    evaluate_start: bool = False  # evaluate the starting model as epoch 0 (after a probe)
+    bn_eval: bool = False         # BatchNorm in eval mode while every layer trains
 
     def frozen_at(self, epoch):
         """Whether the backbone is frozen (parameters and BatchNorm statistics) in `epoch`."""

@@ -16,6 +16,8 @@ then computes exactly what the uninterrupted run would have. On another number o
 of the new global batches; otherwise the run refuses, naming an epoch-end checkpoint.
 """
 
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -31,8 +33,9 @@ from common.engine import StopSignal, check_finite, evaluate, reduce_sums, train
 from common.errors import UserError
 from common.export import export_model
 from common.files import append_jsonl, write_json
+from common.ema import ModelEma
 from common.lr_finder import find_lr
-from common.metrics import load_metrics, wilson_interval
+from common.metrics import load_metrics, score, wilson_interval
 from common.models import freeze_backbone, set_train_mode
 from common.optim import build_scheduler, group_lrs, position_scheduler, set_peak_lr
 from common.runtime import rewrap_ddp, seed_for_training
@@ -67,10 +70,17 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
     if state.lr:
         set_peak_lr(optimizer, state.lr)  # before the schedule: it takes the peaks as built
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    if cfg.epochs == "auto":  # a budget of optimiser steps, whatever the size of the data
+        cfg = dataclasses.replace(cfg, epochs=max(1, math.ceil(cfg.budget_steps /
+                                                               steps_per_epoch)))
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    ema = ModelEma(accelerator.unwrap_model(model), cfg.model_ema_decay) if cfg.model_ema \
+        else None
     if ckpt:
         _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, len(train_loader),
                       steps_per_epoch, output_dir)
+        if ema is not None and "ema" in ckpt.extra:
+            ema.load_state_dict(ckpt.extra["ema"])
     with accelerator.main_process_first():
         metrics = load_metrics()
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
@@ -82,11 +92,11 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
         seed_for_training(accelerator, cfg.seed)
 
     loop = _Loop(accelerator, cfg, run, state, model, optimizer, scheduler, train_loader,
-                 val_loader, metrics, output_dir, frozen)
+                 val_loader, metrics, output_dir, frozen, ema)
     val_m = loop.run_epochs()
     wall = loop.earlier_seconds + time.time() - run.started
     return _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
-                   output_dir)
+                   output_dir, loop.stopped_early)
 
 
 def _read_resume(cfg, output_dir):
@@ -158,7 +168,8 @@ def _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, loader_le
         if os.path.exists(metrics_path):
             # rows the interrupted run wrote after this checkpoint will be computed again
             with open(metrics_path) as fh:
-                keep = [line for line in fh if line.strip()][:state.epoch]
+                keep = [line for line in fh
+                        if line.strip() and json.loads(line)["epoch"] <= state.epoch]
             with open(metrics_path, "w") as fh:
                 fh.writelines(keep)
     accelerator.wait_for_everyone()
@@ -188,22 +199,31 @@ class _Loop:
     """The epoch loop and its per-step hook (log, checkpoint, stop)."""
 
     def __init__(self, accelerator, cfg, run, state, model, optimizer, scheduler,
-                 train_loader, val_loader, metrics, output_dir, frozen):
+                 train_loader, val_loader, metrics, output_dir, frozen, ema):
         self.accelerator, self.cfg, self.run, self.state = accelerator, cfg, run, state
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.metrics, self.output_dir, self.frozen = metrics, output_dir, frozen
+        self.ema, self.stopped_early = ema, None
         self.stop = StopSignal()
         self.earlier_seconds = state.wall_seconds  # of the sessions before a resume
 
     def run_epochs(self):
         cfg, state = self.cfg, self.state
         val_m = None
+        if self.run.evaluate_start and cfg.epochs and state.best is None and \
+                state.epoch == 0 and state.batches_done == 0:
+            val_m = self._evaluate({"epoch": 0}, time.time())  # the probe's model: a candidate
         while state.epoch < max(cfg.epochs, 1):
-            stopping, row = self._epoch()
-            val_m = row.pop("_val")
+            stopping, val_m = self._epoch()
             if stopping:
                 self._stop()
+            if cfg.patience and cfg.epochs and state.epoch - state.best["epoch"] >= cfg.patience:
+                self.stopped_early = state.epoch
+                self.accelerator.print(
+                    f"early stop after epoch {state.epoch}: val {cfg.select_metric} not better "
+                    f"than epoch {state.best['epoch']}'s for {cfg.patience} epochs (--patience)")
+                break
         if val_m is None:  # resumed from a checkpoint taken after the last epoch
             val_m = evaluate(self.accelerator, self.model, self.val_loader, self.run,
                              self.metrics)
@@ -230,26 +250,38 @@ class _Loop:
             row.update({f"train_{k}": v for k, v in train_m.items()})
             accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}\n"
                               f"{_epoch_line('train', train_m)}")
+        val_m = self._evaluate(row, epoch_t0)
+        state.epoch, state.batches_done, state.train_sums = state.epoch + 1, 0, [0.0] * 3
+        if cfg.epochs and (cfg.checkpointing_steps == "epoch" or stopping):
+            self._checkpoint()
+        return stopping, val_m
+
+    def _evaluate(self, row, t0):
+        """Val metrics of the model (and its EMA), the metrics row, the best so far."""
+        accelerator, cfg, run = self.accelerator, self.cfg, self.run
         val_m = evaluate(accelerator, self.model, self.val_loader, run, self.metrics)
         accelerator.print(_epoch_line("val", val_m))
+        candidates = [("model", val_m)]
+        if self.ema is not None and row["epoch"] > 0:
+            ema_m = evaluate(accelerator, self.ema.module, self.val_loader, run, self.metrics)
+            accelerator.print(_epoch_line("val (EMA)", ema_m))
+            candidates.append(("ema", ema_m))
+            row.update({f"ema_val_{k}": ema_m[k] for k in ("accuracy", "loss", "macro_f1")})
         row.update({f"val_{k}": v for k, v in val_m.items()
                     if k not in ("confusion_matrix", "predictions")},
                    lr=self.optimizer.param_groups[0]["lr"],
-                   lr_groups=group_lrs(self.optimizer), seconds=time.time() - epoch_t0)
+                   lr_groups=group_lrs(self.optimizer), seconds=time.time() - t0)
         self._log({**{k.replace("_", "/", 1): v for k, v in row.items()
                       if isinstance(v, (int, float)) and k != "lr"},
                    "train/lr": row["lr"],
                    **{f"train/lr_{k}": v for k, v in row["lr_groups"].items() if k != "head"},
                    **{f"val/{m}/{c}": v for c, d in val_m["per_class"].items()
                       for m, v in d.items()}})
-        self._keep_if_best(row, val_m)
+        source, best_m = max(candidates, key=lambda c: score(c[1], cfg.select_metric))
+        self._keep_if_best(row, best_m, source)
         if accelerator.is_main_process:
             append_jsonl(os.path.join(self.output_dir, "metrics.jsonl"), row)
-        state.epoch, state.batches_done, state.train_sums = state.epoch + 1, 0, [0.0] * 3
-        if cfg.epochs and (cfg.checkpointing_steps == "epoch" or stopping):
-            self._checkpoint()
-        row["_val"] = val_m
-        return stopping, row
+        return val_m
 
     def _phase(self):
         """Freeze or unfreeze for this epoch, and put the model in train mode (a frozen
@@ -258,7 +290,8 @@ class _Loop:
         if frozen != self.frozen:
             self.model = _set_phase(self.accelerator, self.model, self.run, frozen)
             self.frozen = frozen
-        set_train_mode(self.accelerator.unwrap_model(self.model), self.run.head_names, frozen)
+        set_train_mode(self.accelerator.unwrap_model(self.model), self.run.head_names, frozen,
+                       self.run.bn_eval)
         if self.run.freeze_epochs:
             self.accelerator.print(f"epoch {self.state.epoch + 1}: " + (
                 "head only (backbone and its BatchNorm statistics frozen)" if frozen
@@ -269,6 +302,8 @@ class _Loop:
         """After each optimiser step: at log points and checkpoints, one reduce of the sums
         since the last log point (and the stop flag)."""
         cfg, state = self.cfg, self.state
+        if self.ema is not None and not self.accelerator.optimizer_step_was_skipped:
+            self.ema.update(self.accelerator.unwrap_model(self.model))
         every = cfg.checkpointing_steps
         due = every.isdigit() and state.step % int(every) == 0
         if state.step % cfg.log_every and not due:
@@ -293,21 +328,40 @@ class _Loop:
         log_metrics(self.accelerator, {**values, "train/step": self.state.step},
                     self.state.step)
 
-    def _keep_if_best(self, row, val_m):
+    def _keep_if_best(self, row, val_m, source):
+        """Remember (and export) the model if its --select-metric beats the best so far.
+        `source`: "model", or "ema" when the moving average scored better this epoch."""
         state, accelerator = self.state, self.accelerator
-        if state.best is not None and val_m["accuracy"] <= state.best["val_accuracy"]:
+        new_score = score(val_m, self.cfg.select_metric)
+        if state.best is not None and new_score <= state.best["score"]:
             return
-        state.best = {"epoch": row["epoch"], "val_accuracy": val_m["accuracy"],
-                      "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
+        state.best = {"epoch": row["epoch"], "score": new_score, "source": source,
+                      "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"],
+                      "val_macro_f1": val_m["macro_f1"],
+                      "val_balanced_accuracy": val_m["balanced_accuracy"],
                       "val_per_class": val_m["per_class"],
                       "confusion_matrix": val_m["confusion_matrix"],
                       "predictions": val_m["predictions"]}
         if accelerator.is_main_process:
-            export_model(self.run.export, os.path.join(self.output_dir, "best"),
+            module = self.ema.module if source == "ema" else \
+                accelerator.unwrap_model(self.model)
+            export_model(self._export_state(module), os.path.join(self.output_dir, "best"),
                          dict(model=self.cfg.model, class_names=self.run.class_names,
                               heads=list(self.run.model_heads),
                               preprocessing=self.run.preprocessing, epoch=row["epoch"],
-                              val_accuracy=val_m["accuracy"], val_samples=val_m["samples"]))
+                              weights=source, val_accuracy=val_m["accuracy"],
+                              val_samples=val_m["samples"]))
+
+    def _export_state(self, module):
+        """The whole network's state with `module` (the trained module or its EMA) in it."""
+        state = module.state_dict()
+        if self.run.trained is self.run.export:
+            return state
+        full = self.run.export.state_dict()  # cached features: `module` is FeatureHeads
+        for k, v in state.items():  # heads.<i>.<rest> -> <name of head i>.<rest>
+            _, i, rest = k.split(".", 2)
+            full[f"{self.run.model_heads[int(i)]}.{rest}"] = v
+        return full
 
     def _checkpoint(self):
         state = self.state
@@ -316,7 +370,8 @@ class _Loop:
         state.batch_size = self.cfg.batch_size
         state.gradient_accumulation_steps = self.cfg.gradient_accumulation_steps
         return save_checkpoint(self.accelerator, self.output_dir, state, self.model,
-                               self.optimizer, self.cfg.checkpoints_total_limit)
+                               self.optimizer, self.cfg.checkpoints_total_limit,
+                               {"ema": self.ema.state_dict()} if self.ema else None)
 
     def _stop(self):
         path = self._checkpoint()
@@ -333,14 +388,17 @@ def _epoch_line(phase, m):
 
 
 def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
-            output_dir):
+            output_dir, stopped_early):
     best = state.best
     n_val = val_m["samples"]
     low, high = wilson_interval(round(best["val_accuracy"] * n_val), n_val)
     results = dict(
         script=run.script, model=cfg.model, best_val_accuracy=best["val_accuracy"],
         best_val_accuracy_ci95=[low, high], best_val_loss=best["val_loss"],
-        best_val_macro_f1=best["val_macro_f1"], best_epoch=best["epoch"], epochs=cfg.epochs,
+        best_val_macro_f1=best["val_macro_f1"],
+        best_val_balanced_accuracy=best["val_balanced_accuracy"], best_epoch=best["epoch"],
+        best_weights=best["source"], select_metric=cfg.select_metric, epochs=cfg.epochs,
+        stopped_early_after_epoch=stopped_early,
         train_samples=len(run.train_images), val_samples=n_val,
         num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
         global_batch_size=global_batch, steps_per_epoch=steps_per_epoch,
