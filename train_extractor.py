@@ -40,7 +40,7 @@ def main(argv=None):
     if cfg.cutmix and cfg.cache_features:
         raise UserError("--cutmix cuts images, and cached features are vectors: add "
                         "--no-cache-features (--mixup works on both)")
-    weights = class_weights(cfg, train_ds["label"], len(class_names))
+    weights = class_weights(cfg, train_ds, len(class_names))
     common = dict(script="extractor", export=built.model, model_heads=built.head_names,
                   class_names=class_names, preprocessing=built.preprocessing,
                   loss=make_loss(cfg.label_smoothing, weights), started=STARTED,

@@ -17,6 +17,7 @@ The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --
 Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 """
 
+import dataclasses
 import time
 
 STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wall time counts them
@@ -42,9 +43,13 @@ def main(argv=None):
                           "(or more --epochs) to train every layer")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     built = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
-    weights = class_weights(cfg, train_ds["label"], len(class_names))
+    weights = class_weights(cfg, train_ds, len(class_names))
     channels_last = use_channels_last(cfg, accelerator)
     probed = None
+    if cfg.probe_epochs and cfg.streaming:
+        accelerator.print("--streaming: no linear probe (cached features need random access); "
+                          "the new head starts random")
+        cfg = dataclasses.replace(cfg, probe_epochs=0)
     if cfg.probe_epochs and not cfg.resume_from_checkpoint:  # a resumed run has its weights
         probed = linear_probe(accelerator, cfg, built, train_ds, val_ds,
                               num_workers(cfg, accelerator.num_processes), channels_last,

@@ -47,6 +47,9 @@ class TrainConfig:
                                        "instead of using the shipped compact copy")
     dataset: Optional[str] = opt(None, "a Hugging Face Hub dataset name, or a local folder "
                                  "of parquet/arrow files or a save_to_disk() folder")
+    streaming: bool = opt(False, "read --dataset as a stream (datasets larger than memory or "
+                          "disk): no up-front image check, no cached features")
+    shuffle_buffer: int = opt(10000, "--streaming: examples in the shuffle buffer")
     image_column: str = opt("image", "image column of --dataset")
     label_column: str = opt("label", "label column of --dataset (ClassLabel, strings or ints)")
     train_split: str = opt("train", "training split of --dataset")
@@ -122,6 +125,8 @@ class TrainConfig:
                         "on divergence), save lr_find.png/.json, print the suggestion and stop; "
                         "the weights are restored after it. --lr auto runs it, then trains")
     find_lr_steps: int = opt(100, "optimiser steps of the LR range test")
+    max_train_steps: int = opt(0, "stop training after N optimiser steps in all (0: no limit), "
+                               "then evaluate: a smoke test or a time box")
     log_every: int = opt(10, "log the training loss every N optimiser steps (and at each epoch "
                          "end); the loop syncs with the host only then")
     # checkpoints
@@ -259,6 +264,7 @@ def _validate(parser, cfg):
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (cfg.find_lr_steps >= 5, "--find-lr-steps must be >= 5"),
         (cfg.log_every >= 1, "--log-every must be >= 1"),
+        (cfg.max_train_steps >= 0, "--max-train-steps must be >= 0"),
         (getattr(cfg, "freeze_epochs", 0) >= 0, "--freeze-epochs must be >= 0"),
         (getattr(cfg, "backbone_lr_mult", 1) >= 0, "--backbone-lr-mult must be >= 0"),
         (getattr(cfg, "layer_decay", None) is None or 0 < cfg.layer_decay <= 1,
@@ -274,6 +280,10 @@ def _validate(parser, cfg):
         (cfg.num_workers >= -1, "--num-workers must be >= 0 (or -1 for automatic)"),
         (getattr(cfg, "feature_views", 0) >= 0, "--feature-views must be >= 0"),
         (not (cfg.data_dir and cfg.dataset), "give --data-dir or --dataset, not both"),
+        (not cfg.streaming or cfg.dataset, "--streaming reads a --dataset (Hub or parquet)"),
+        (not (cfg.streaming and getattr(cfg, "cache_features", False)),
+         "--streaming cannot cache features (they need random access): add --no-cache-features"),
+        (cfg.shuffle_buffer >= 1, "--shuffle-buffer must be >= 1"),
         (not (cfg.download_original_data and (cfg.data_dir or cfg.dataset)),
          "--download-original-data is for runs without --data-dir or --dataset"),
         (not (cfg.weights and not cfg.pretrained), "--weights and --no-pretrained contradict"),

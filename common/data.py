@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
+from common.imagecheck import drop_unreadable
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -175,55 +176,6 @@ def _encode_labels(ds, flag, split, classes=None):
     return ds, classes
 
 
-def _check_image(source):
-    """None if the image decodes, else the reason. JPEGs decode at 1/8 scale (DCT scaling),
-    which still reads every byte, so truncated files are caught at a fraction of the cost."""
-    try:
-        with PIL.Image.open(io.BytesIO(source["bytes"]) if source.get("bytes")
-                            else source["path"]) as img:
-            img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
-            img.load()
-        return None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
-
-
-def drop_unreadable(ds, split, strict):
-    """Check that every image decodes. Unreadable ones (random bytes named .jpg, truncated
-    or empty files) are dropped with a warning naming each, or, with --strict-images, are an
-    error. A bad file found only mid-epoch would kill a loader worker and the run."""
-    raw = ds.cast_column("image", datasets.Image(decode=False))["image"]
-    bad = [(i, src.get("path") or f"{split} row {i}", why)
-           for i, src in enumerate(raw) if (why := _check_image(src)) is not None]
-    if not bad:
-        return ds
-    if strict:
-        i, name, why = bad[0]
-        raise UserError(f"--strict-images: {name} cannot be read ({why}); "
-                        f"{len(bad)} unreadable {split} image(s) in all")
-    for _, name, why in bad:
-        print(f"warning: skipping unreadable image {name} ({why})")
-    print(f"warning: skipped {len(bad)} unreadable {split} image(s) of {len(ds)}; "
-          "--strict-images makes this an error")
-    bad_rows = {i for i, _, _ in bad}
-    return ds.select([i for i in range(len(ds)) if i not in bad_rows])
-
-
-def image_identities(split, chunk=1000):
-    """One string per image for cache keys: path|size|mtime for files on disk, or the
-    dataset's fingerprint when the images are stored in it (Hub/parquet datasets). Reads the
-    image column a chunk at a time, paths only: nothing is decoded."""
-    raw = split.cast_column("image", datasets.Image(decode=False))
-    if len(raw) and raw[0]["image"].get("bytes") is not None:
-        return [split._fingerprint]
-    out = []
-    for start in range(0, len(raw), chunk):
-        for src in raw[start:start + chunk]["image"]:
-            st = os.stat(src["path"])
-            out.append(f"{os.path.abspath(src['path'])}|{st.st_size}|{st.st_mtime_ns}")
-    return out
-
-
 def to_rgb(img):
     """RGB from any mode: grayscale, palette, RGBA, CMYK (PIL's conversions), and 16/32-bit
     integer or float images, which PIL's convert("RGB") clips to white: rescaled to 8 bits."""
@@ -282,13 +234,23 @@ class BalancedSampler(torch.utils.data.Sampler):
                                       generator=g).tolist())
 
 
-def class_weights(cfg, labels, num_classes):
+def label_counts(split, num_classes):
+    """Images per class: from the label column, or from a stream's label pass."""
+    if getattr(split, "counts", None) is not None:
+        return torch.tensor([split.counts.get(v, 0) for v in sorted(split.counts)])
+    if hasattr(split, "stream"):
+        raise UserError("--class-weights auto / --sampler balanced with --streaming need the "
+                        "label counts, which this dataset's card does not give; drop them")
+    return torch.bincount(torch.as_tensor(split["label"]), minlength=num_classes)
+
+
+def class_weights(cfg, split, num_classes):
     """--class-weights auto: N / (classes x count of the class), so that every class weighs
     as much in the loss as a balanced set would make it (None: plain mean)."""
     if cfg.class_weights != "auto":
         return None
-    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).clamp(min=1)
-    return (len(labels) / (num_classes * counts.double())).tolist()
+    counts = label_counts(split, num_classes)
+    return (counts.sum() / (num_classes * counts.clamp(min=1).double())).tolist()
 
 
 def train_order(cfg, labels):
@@ -370,6 +332,15 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
     train_tf, eval_tf = training_transforms(preprocessing, cfg)
     train_tf = eval_tf if views == 0 else train_tf
     workers = num_workers(cfg, num_processes)
+    if hasattr(train, "stream"):  # --streaming
+        from accelerate import PartialState
+
+        from common.streaming import streaming_loaders
+
+        if cfg.sampler == "balanced":
+            raise UserError("--sampler balanced needs random access; with --streaming use "
+                            "--class-weights auto")
+        return streaming_loaders(train, val, train_tf, eval_tf, cfg, PartialState(), workers)
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                   worker_init_fn=_worker_ignores_stop_signals,
@@ -387,6 +358,12 @@ def load_data(cfg, accelerator):
     (the compact copy shipped with the package; --download-original-data: the original
     archive, downloaded into data/ by the main process first), without the images that do
     not decode."""
+    if cfg.streaming:  # nothing is checked or cached up front (common/streaming.py)
+        from common.streaming import load_streaming
+
+        with contextlib.redirect_stderr(sys.stderr if accelerator.is_main_process
+                                        else io.StringIO()):
+            return load_streaming(cfg, cfg.dataset, VAL_SPLIT_FALLBACKS)
     if cfg.dataset:
         with accelerator.main_process_first():  # one process fills the datasets cache
             train, val, classes = load_hub_dataset(cfg)
@@ -400,10 +377,11 @@ def load_data(cfg, accelerator):
                                             else io.StringIO()):
                 data_dir = bundled_hymenoptera()
         train, val, classes = load_image_folder(data_dir, cfg.val_fraction, cfg.seed)
-    # Every rank checks (the same files, the same verdicts); only the main one reports.
-    with contextlib.redirect_stdout(sys.stdout if accelerator.is_main_process else io.StringIO()):
-        train = drop_unreadable(train, "train", cfg.strict_images)
-        val = drop_unreadable(val, "val", cfg.strict_images)
+    # each process checks a shard, the verdicts are shared and cached (common/imagecheck.py)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, cores // accelerator.num_processes)
+    train = drop_unreadable(train, "train", cfg.strict_images, accelerator, workers)
+    val = drop_unreadable(val, "val", cfg.strict_images, accelerator, workers)
     if len(train) == 0 or len(val) == 0:
         raise UserError("no readable images left in train or val; check the data")
     return train, val, classes

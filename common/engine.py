@@ -148,9 +148,9 @@ def reduce_sums(accelerator, sums, stop):
 def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run, stop,
                     on_step):
     """Train on `loader` (the rest of epoch `state.epoch`, resumed sums included). After every
-    optimiser step, `on_step(window)` may log, checkpoint or stop; `window` holds the sums
-    since the last log point and is reset by whoever reduces it. Returns the epoch's sums
-    over all processes."""
+    optimiser step, `on_step(window, epoch_sums, bar)` may log, checkpoint or stop, and ends
+    the epoch early by returning True; `window` holds the sums since the last log point and
+    is reset by whoever reduces it. Returns the epoch's sums over all processes."""
     epoch_sums = Sums(accelerator.device, state.train_sums if accelerator.is_main_process
                       else (0.0, 0.0, 0.0))  # resumed mid-epoch: the earlier part, once
     window = Sums(accelerator.device)
@@ -171,7 +171,8 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.step += 1
-            on_step(window, epoch_sums, bar)
+            if on_step(window, epoch_sums, bar):
+                break
     totals, stopping = reduce_sums(accelerator, epoch_sums, stop)
     check_finite(totals, state)
     return totals, stopping
@@ -202,7 +203,13 @@ def evaluate(accelerator, model, loader, run, metrics):
         prob, pred = logits.softmax(-1).max(-1)
         parts.append((per_sample, pred, y, batch["index"], prob))
     local = [torch.cat(p) for p in zip(*parts)]
+    if accelerator.num_processes > 1:  # (--streaming: the processes' parts differ in size)
+        local[3] = accelerator.pad_across_processes(local[3], pad_index=-1)
+        local[:3] = [accelerator.pad_across_processes(t) for t in local[:3]]
+        local[4] = accelerator.pad_across_processes(local[4])
     losses, preds, labels, index, prob = [t.cpu() for t in accelerator.gather(local)]
+    real = index >= 0
+    losses, preds, labels, index, prob = (t[real] for t in (losses, preds, labels, index, prob))
     index, first = _first_of_each(index)
     losses, preds, labels, prob = losses[first], preds[first], labels[first], prob[first]
     out = compute_metrics(metrics, preds, labels, run.class_names)

@@ -41,7 +41,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from common import mmap_tensors
-from common.data import ImageDataset, image_identities, train_order, training_transforms
+from common.data import ImageDataset, train_order, training_transforms
+from common.imagecheck import identity_digest
 from common.errors import UserError
 from common.models import in_heads
 from common.runtime import cpu_has_native_bf16
@@ -107,7 +108,7 @@ def extract_precision(cfg, device):
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
-def cache_key(model, head_names, cfg, preprocessing, identities, settings):
+def cache_key(model, head_names, cfg, preprocessing, digests, settings):
     """The cache entry's name: a hash of everything the features depend on."""
     h = hashlib.sha256()
     h.update(json.dumps(dict(model=cfg.model, preprocessing=preprocessing,
@@ -119,9 +120,8 @@ def cache_key(model, head_names, cfg, preprocessing, identities, settings):
         if not in_heads(name, head_names):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for ids in identities:
-        h.update("\n".join(ids).encode())
-        h.update(b"\0")
+    for digest in digests:  # the images of train and val (common/imagecheck.py)
+        h.update(digest.encode())
     return h.hexdigest()[:32]
 
 
@@ -198,7 +198,7 @@ def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, prep
     key = [None]
     if accelerator.is_main_process:  # hashing weights and stat-ing every image: once
         key[0] = cache_key(model, head_names, cfg, preprocessing,
-                           (image_identities(train), image_identities(val)),
+                           (identity_digest(train), identity_digest(val)),
                            dict(precision=precision, channels_last=channels_last,
                                 device=device.type))
     if accelerator.num_processes > 1:

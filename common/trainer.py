@@ -95,6 +95,8 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
                  val_loader, metrics, output_dir, frozen, ema)
     val_m = loop.run_epochs()
     wall = loop.earlier_seconds + time.time() - run.started
+    run.extra_results = dict(run.extra_results or {},
+                             first_step_seconds=loop.first_step_seconds)
     return _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
                    output_dir, loop.stopped_early)
 
@@ -204,7 +206,7 @@ class _Loop:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.metrics, self.output_dir, self.frozen = metrics, output_dir, frozen
-        self.ema, self.stopped_early = ema, None
+        self.ema, self.stopped_early, self.first_step_seconds = ema, None, None
         self.stop = StopSignal()
         self.earlier_seconds = state.wall_seconds  # of the sessions before a resume
 
@@ -218,6 +220,9 @@ class _Loop:
             stopping, val_m = self._epoch()
             if stopping:
                 self._stop()
+            if self._out_of_steps():
+                self.accelerator.print(f"--max-train-steps {cfg.max_train_steps}: done")
+                break
             if cfg.patience and cfg.epochs and state.epoch - state.best["epoch"] >= cfg.patience:
                 self.stopped_early = state.epoch
                 self.accelerator.print(
@@ -237,8 +242,10 @@ class _Loop:
         if cfg.epochs:
             self._phase()
             set_epoch(self.train_loader, state.epoch)
-            loader = (accelerator.skip_first_batches(self.train_loader, state.batches_done)
-                      if state.batches_done else self.train_loader)
+            loader = self.train_loader
+            if state.batches_done:  # resumed mid-epoch
+                loader = (loader.skip(state.batches_done) if hasattr(loader, "skip")
+                          else accelerator.skip_first_batches(loader, state.batches_done))
             train_t0 = time.time()
             (loss, correct, n), stopping = train_one_epoch(
                 accelerator, self.model, loader, self.optimizer, self.scheduler, state, run,
@@ -302,12 +309,14 @@ class _Loop:
         """After each optimiser step: at log points and checkpoints, one reduce of the sums
         since the last log point (and the stop flag)."""
         cfg, state = self.cfg, self.state
+        if self.first_step_seconds is None:  # start-up cost, from the script's first line
+            self.first_step_seconds = round(time.time() - self.run.started, 2)
         if self.ema is not None and not self.accelerator.optimizer_step_was_skipped:
             self.ema.update(self.accelerator.unwrap_model(self.model))
         every = cfg.checkpointing_steps
         due = every.isdigit() and state.step % int(every) == 0
         if state.step % cfg.log_every and not due:
-            return
+            return self._out_of_steps()
         totals, stopping = reduce_sums(self.accelerator, window, self.stop)
         window.reset()
         check_finite(totals, state)  # never checkpoint a diverged model
@@ -323,6 +332,10 @@ class _Loop:
             self._checkpoint()
         if stopping:
             self._stop()
+        return self._out_of_steps()
+
+    def _out_of_steps(self):
+        return bool(self.cfg.max_train_steps) and self.state.step >= self.cfg.max_train_steps
 
     def _log(self, values):
         log_metrics(self.accelerator, {**values, "train/step": self.state.step},

@@ -1,6 +1,7 @@
 """Pictures of a run, as PNG files: confusion matrix, prediction grid, augmentation preview,
 and the curves of `compare_runs.py`. matplotlib with the Agg backend: no display needed."""
 
+import itertools
 import math
 
 import matplotlib
@@ -103,8 +104,12 @@ def augmentation_preview_png(dataset, run, path, n=16):
     """`n` random training images as the model sees them in epoch 1 (augmented, denormalised
     with the model's own mean/std), like the tutorial's `imshow` grid of a batch."""
     p, names = run.preprocessing, run.class_names
-    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(dataset.seed or 0))
-    items = [dataset[int(i)] for i in pick[:n]]
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # --streaming: the first ones
+        items = list(itertools.islice(iter(dataset), n))
+    else:
+        pick = torch.randperm(len(dataset),
+                              generator=torch.Generator().manual_seed(dataset.seed or 0))
+        items = [dataset[int(i)] for i in pick[:n]]
     return image_grid_png([denormalize(it["pixel_values"], p["mean"], p["std"]) for it in items],
                           [names[it["labels"]] for it in items], path,
                           title="Training augmentation (epoch 1)")
@@ -116,9 +121,16 @@ def prediction_grid_png(dataset, predictions, run, path, n=16):
     p, names = run.preprocessing, run.class_names
     rows = list(zip(predictions["index"], predictions["pred"], predictions["label"],
                     predictions["prob"]))
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # --streaming: no random
+        # access; the images among the first 2000 of this process's part
+        seen = {it["index"]: it for it in itertools.islice(iter(dataset), 2000)}
+        rows = [r for r in rows if r[0] in seen]
+        fetch = lambda i: seen[i]  # noqa: E731
+    else:
+        fetch = dataset.__getitem__
     rows.sort(key=lambda r: r[1] == r[2])  # wrong ones first, dataset order otherwise
     rows = rows[:n]
-    images = [denormalize(dataset[i]["pixel_values"], p["mean"], p["std"]) for i, *_ in rows]
+    images = [denormalize(fetch(i)["pixel_values"], p["mean"], p["std"]) for i, *_ in rows]
     captions = [f"pred {names[pr]} ({pb:.2f})\ntrue {names[lb]}" for _, pr, lb, pb in rows]
     wrong = [pr != lb for _, pr, lb, _ in rows]
     return image_grid_png(images, captions, path, wrong=wrong,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from common.config import ExtractorConfig
 from common.data import load_image_folder
-from common.data import image_identities
+from common.imagecheck import identity_digest
 from common.features import cache_key
 from common.models import build_model
 from conftest import COLOURS, launch, make_image_folder, write_image
@@ -34,7 +34,7 @@ def test_cache_key_changes_with_image_model_transform_and_numerics(key_inputs):
     cfg = ExtractorConfig(model="timm:test_resnet")
 
     def key(cfg=cfg, pre=pre, **settings):
-        ids = (image_identities(train), image_identities(val))
+        ids = (identity_digest(train), identity_digest(val))
         return cache_key(model, heads, cfg, pre, ids, {**SETTINGS, **settings})
 
     first = key()

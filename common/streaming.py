@@ -1,0 +1,208 @@
+"""--streaming: a Hub or parquet dataset read as a stream, never whole on disk or in memory.
+
+`datasets.load_dataset(..., streaming=True)` gives an IterableDataset: examples are read and
+decoded as training consumes them. Here:
+- each example gets its global position as `index` (for exact val metrics and per-image
+  augmentation seeds), then train is shuffled with a buffer (`--shuffle-buffer`, reseeded by
+  seed + epoch) and both splits are divided with `split_dataset_by_node`, so each process
+  reads only its part;
+- the epoch length comes from the split's known size (the dataset card's, or one pass over the
+  label column when the card has none): every process takes exactly size // (processes x
+  batch) batches per epoch, going round its part again if it runs short, so DDP never waits
+  on a process that ran out (the few images left over change from epoch to epoch);
+- validation reads each process's part once; results are gathered by index, so every image
+  is counted exactly once;
+- an image that does not decode is skipped with a warning when it is reached (there is no
+  pass over all images up front);
+- resuming mid-epoch reads past the batches already done.
+Cached features (the extractor's default, the fine-tune's linear probe) need random access,
+so they are off with --streaming.
+"""
+
+import io
+import multiprocessing as mp
+import sys
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from common.errors import UserError
+
+
+class StreamSplit:
+    """One split of a streamed dataset: the IterableDataset (columns image, label, index),
+    its size, class names, and label counts when a pass over the labels was made."""
+
+    def __init__(self, stream, size, label_index, counts):
+        self.stream, self.size, self.label_index, self.counts = stream, size, label_index, counts
+
+    def __len__(self):
+        return self.size
+
+
+def _label_pass(stream):
+    values = {}
+    for row in stream.select_columns(["label"]):
+        values[row["label"]] = values.get(row["label"], 0) + 1
+    return values
+
+
+def load_streaming(cfg, name, val_names):
+    """(train StreamSplit, val StreamSplit, class names) for --dataset NAME --streaming."""
+    try:
+        dd = datasets.load_dataset(name, streaming=True)
+    except (ConnectionError, OSError, ValueError) as e:
+        raise UserError(f"--dataset {name} --streaming: could not open it as a stream "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if cfg.train_split not in dd:
+        raise UserError(f"--dataset {name}: no split '{cfg.train_split}' (it has "
+                        f"{', '.join(dd)}); pick one with --train-split")
+    val_name = next((s for s in (cfg.val_split, *val_names) if s in dd and s != cfg.train_split),
+                    None)
+    if val_name is None:
+        raise UserError(f"--dataset {name} --streaming: no validation split (it has "
+                        f"{', '.join(dd)}); name one with --val-split, or drop --streaming")
+    splits = {}
+    for key, split in (("train", cfg.train_split), ("val", val_name)):
+        ds = dd[split]
+        columns = list(ds.features or {})
+        for flag, col in (("--image-column", cfg.image_column), ("--label-column", cfg.label_column)):
+            if columns and col not in columns:
+                raise UserError(f"--dataset {name}: no column '{col}' (it has "
+                                f"{', '.join(columns)}); pick one with {flag}")
+        ds = ds.select_columns([cfg.image_column, cfg.label_column])
+        renames = {k: v for k, v in ((cfg.image_column, "image"), (cfg.label_column, "label"))
+                   if k != v}
+        if renames:
+            ds = ds.rename_columns(renames)
+        splits[key] = (ds, split)
+    train, _ = splits["train"]
+    feature = (train.features or {}).get("label")
+    counts = None
+    if isinstance(feature, datasets.ClassLabel):
+        classes = feature.names
+    else:  # plain ints or strings: one pass over the label column (no image is read)
+        counts = _label_pass(train)
+        classes = [str(v) for v in sorted(counts)]
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for key in ("train", "val"):
+        ds, split = splits[key]
+        info = dd[split].info.splits
+        size = info[split].num_examples if info and split in info else None
+        if key == "train" and counts is not None:
+            size = sum(counts.values())
+        elif size is None:  # the card does not say: count (labels only, no image is read)
+            size = sum(_label_pass(ds).values())
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+        ds = ds.map(lambda ex, i: {"index": i}, with_indices=True)
+        if key == "train":
+            ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+        out.append(StreamSplit(ds, size, None if isinstance(feature, datasets.ClassLabel)
+                               else index, counts if key == "train" else None))
+    print(f"--dataset {name} --streaming: {out[0].size} train / {out[1].size} "
+          f"'{val_name}' images, {len(classes)} classes", file=sys.stderr)
+    return out[0], out[1], classes
+
+
+class StreamDataset(torch.utils.data.IterableDataset):
+    """This process's part of a split, decoded and transformed like ImageDataset (RGB, the
+    same per-image augmentation seeds)."""
+
+    def __init__(self, split, transform, rank, world, seed=None):
+        self.split, self.transform, self.seed = split, transform, seed
+        self.part = split_dataset_by_node(split.stream, rank=rank, world_size=world)
+        self.epoch = mp.Value("i", 0, lock=False)
+
+    def __len__(self):  # the whole split, for reports
+        return self.split.size
+
+    def __iter__(self):
+        from common.data import to_rgb
+
+        self.part.set_epoch(self.epoch.value)  # a new shuffle per epoch
+        for ex in self.part:
+            src = ex["image"]
+            try:
+                img = PIL.Image.open(src["path"] if src.get("bytes") is None
+                                     else io.BytesIO(src["bytes"]))
+                img = to_rgb(PIL.ImageOps.exif_transpose(img))
+            except Exception as e:  # a corrupt image: skipped here, as the pre-check would
+                print(f"warning: skipping unreadable image {src.get('path') or ex['index']} "
+                      f"({type(e).__name__})", file=sys.stderr)
+                continue
+            label = ex["label"] if self.split.label_index is None \
+                else self.split.label_index[str(ex["label"])]
+            if self.seed is None:
+                x = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(np.random.SeedSequence(
+                        [self.seed, self.epoch.value, ex["index"]]).generate_state(1)[0]))
+                    x = self.transform(img)
+            yield {"pixel_values": x, "labels": label, "index": ex["index"]}
+
+
+class StreamLoader:
+    """Batches of a StreamDataset on the device. `steps` set (training): exactly that many
+    full batches per epoch, going round this process's part again if it runs short; None
+    (validation): the part once."""
+
+    def __init__(self, dataset, batch_size, workers, device, steps=None):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.device, self.steps, self._skip = device, steps, 0
+
+    def __len__(self):
+        return self.steps if self.steps is not None else \
+            -(-len(self.dataset) // self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.dataset.epoch.value = epoch
+
+    def skip(self, n):
+        """The rest of this epoch after `n` batches (a resumed run: they are read, not used)."""
+        self._skip = n
+        return self
+
+    def _batches(self):
+        # a fresh loader per pass: workers must see this epoch's shuffle
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
+                                           num_workers=self.workers,
+                                           drop_last=self.steps is not None,
+                                           pin_memory=self.device.type == "cuda")
+
+    def __iter__(self):
+        done, skip, self._skip = 0, self._skip, 0
+        while self.steps is None or done < self.steps:
+            produced = False
+            for batch in self._batches():
+                produced = True
+                if done >= skip:
+                    yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                done += 1
+                if self.steps is not None and done >= self.steps:
+                    return
+            if self.steps is None:
+                return
+            if not produced:
+                raise UserError("--streaming: this process's part of the training split "
+                                f"holds fewer than --batch-size {self.batch_size} images")
+
+
+def streaming_loaders(train, val, train_tf, eval_tf, cfg, accelerator, workers):
+    """(train StreamLoader, val StreamLoader) for this process."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * world
+    steps = len(train) // per_step // cfg.gradient_accumulation_steps * \
+        cfg.gradient_accumulation_steps
+    if steps == 0:
+        raise UserError(f"--streaming: {len(train)} training images are fewer than one step of "
+                        f"{per_step} (--batch-size x processes)")
+    train_ds = StreamDataset(train, train_tf, rank, world, seed=cfg.seed)
+    val_ds = StreamDataset(val, eval_tf, rank, world)
+    return (StreamLoader(train_ds, cfg.batch_size, workers, accelerator.device, steps),
+            StreamLoader(val_ds, cfg.batch_size, workers, accelerator.device))

@@ -1,0 +1,145 @@
+"""At scale: streamed datasets, cached image-check verdicts, several machines (two launches on
+one host, gloo over loopback)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from conftest import CONFIGS, REPO, launch, make_image_folder
+
+TINY = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
+        "--num-workers", "0", "--report-to", "none"]
+
+
+@pytest.fixture(scope="module")
+def parquet_set(tmp_path_factory):
+    """A parquet dataset with the image bytes embedded (as Hub datasets store them) and the
+    same images as an image folder."""
+    root = tmp_path_factory.mktemp("pq")
+    folder = make_image_folder(root / "imgs", counts={"train": 10, "val": 5})
+    for split, name in (("train", "train"), ("val", "validation")):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, split))
+                       for f in fs)
+        ds = datasets.Dataset.from_dict(
+            {"image": files, "label": [os.path.basename(os.path.dirname(f)) for f in files]})
+        ds.cast_column("image", datasets.Image()).to_parquet(
+            str(root / "pq" / f"{name}-00000.parquet"))
+    return str(root / "pq"), folder
+
+
+def results(out):
+    with open(os.path.join(out, "results.json")) as fh:
+        return json.load(fh)
+
+
+def test_streaming_on_2_processes_counts_val_once_like_the_in_memory_dataset(
+        parquet_set, tmp_path, offline_env):
+    path, _ = parquet_set
+    base = ["--dataset", path, *TINY, "--epochs", "0", "--probe-epochs", "0"]
+    launch("train_finetune.py", [*base, "--output-dir", tmp_path / "mem"], offline_env)
+    proc = launch("train_finetune.py", [*base, "--streaming", "--output-dir",
+                                        tmp_path / "stream"], offline_env, nproc=2)
+    assert "--streaming: 30 train / 15 'validation' images" in proc.stderr
+    mem, stream = results(tmp_path / "mem"), results(tmp_path / "stream")
+    assert mem["val_samples"] == stream["val_samples"] == 15
+    assert stream["num_processes"] == 2
+    assert stream["best_val_accuracy"] == mem["best_val_accuracy"]
+    assert stream["best_val_loss"] == pytest.approx(mem["best_val_loss"], rel=1e-5)
+    assert stream["best_confusion_matrix"] == mem["best_confusion_matrix"]
+
+
+def test_streaming_trains_and_resumes_mid_epoch_exactly(parquet_set, tmp_path, offline_env):
+    path, _ = parquet_set
+    args = ["--dataset", path, "--streaming", *TINY, "--epochs", "2", "--lr", "0.1",
+            "--checkpointing-steps", "3", "--checkpoints-total-limit", "0"]
+    full = tmp_path / "full"
+    launch("train_finetune.py", [*args, "--output-dir", full], offline_env)
+    a = results(full)
+    # 30 images / batch 4: 7 steps per epoch (the 2 left over change with the shuffle)
+    assert a["steps_per_epoch"] == 7 and a["optimizer_steps"] == 14
+    assert a["best_val_accuracy"] >= 10 / 15, a  # chance: 5 of 15
+    resumed = tmp_path / "resumed"
+    launch("train_finetune.py", [*args, "--output-dir", resumed, "--resume-from-checkpoint",
+                                 full / "checkpoints" / "step-00000009"], offline_env)
+    b = results(resumed)
+    assert b["final_val_accuracy"] == a["final_val_accuracy"]
+    assert b["final_val_loss"] == pytest.approx(a["final_val_loss"], rel=1e-5)
+
+
+def test_image_check_verdicts_are_cached_and_a_changed_file_is_checked_again(
+        tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from common import imagecheck
+    from common.data import load_image_folder
+    from conftest import COLOURS, write_image
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "d", counts={"train": 4, "val": 1})
+    (tmp_path / "d" / "train" / "cat" / "bad.jpg").write_bytes(b"not a jpeg")
+    train, _, _ = load_image_folder(root, 0.2, 0)
+    decoded = []
+    real = imagecheck._check_image
+    monkeypatch.setattr(imagecheck, "_check_image", lambda src: decoded.append(1) or real(src))
+    accelerator = Accelerator(cpu=True)
+    first = imagecheck.find_unreadable(train, "train", accelerator, workers=0)
+    assert len(decoded) == 13 and [b[1].endswith("bad.jpg") for b in first] == [True]
+    again = imagecheck.find_unreadable(train, "train", accelerator, workers=0)
+    assert again == first and len(decoded) == 13  # nothing decoded the second time
+    write_image(str(tmp_path / "d" / "train" / "cat" / "bad.jpg"), COLOURS["cat"])  # mended
+    train, _, _ = load_image_folder(root, 0.2, 0)
+    assert imagecheck.find_unreadable(train, "train", accelerator, workers=0) == []
+    assert len(decoded) == 26
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_machines(script, args, env, timeout=600):
+    """The same command on 'machine' 0 and 1 (two launches, one process each), as on a
+    cluster: --num_machines 2 --machine_rank R --main_process_ip <machine 0>."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [accelerate, "launch", "--config_file", os.path.join(CONFIGS, "cpu_2proc.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+         os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_finetune.py", "train_extractor.py"])
+def test_two_machines_give_the_metrics_of_one_process_and_resume(script, tmp_path,
+                                                                offline_env):
+    data = make_image_folder(tmp_path / "data", counts={"train": 4, "val": 5})  # 15 val: odd
+    base = ["--data-dir", data, *TINY, "--feature-cache-dir", tmp_path / "cache"]
+    launch(script, [*base, "--epochs", "0", "--output-dir", tmp_path / "one"], offline_env)
+    launch_two_machines(script, [*base, "--epochs", "0", "--output-dir", tmp_path / "two"],
+                        offline_env)
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert two["num_processes"] == 2 and one["val_samples"] == two["val_samples"] == 15
+    assert one["best_val_accuracy"] == two["best_val_accuracy"]
+    assert one["best_val_loss"] == pytest.approx(two["best_val_loss"], rel=1e-5)
+    # train on both machines, then resume from the first epoch's checkpoint on both
+    train = [*base, "--epochs", "2", "--checkpointing-steps", "epoch",
+             "--checkpoints-total-limit", "0"]
+    launch_two_machines(script, [*train, "--output-dir", tmp_path / "full"], offline_env)
+    first = sorted((tmp_path / "full" / "checkpoints").glob("step-*"))[0]
+    launch_two_machines(script, [*train, "--output-dir", tmp_path / "resumed",
+                                 "--resume-from-checkpoint", first], offline_env)
+    a, b = results(tmp_path / "full"), results(tmp_path / "resumed")
+    assert a["final_val_accuracy"] == b["final_val_accuracy"]
+    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], rel=1e-5)
