@@ -50,7 +50,8 @@ def main(argv=None):
         accelerator.print("--streaming: no linear probe (cached features need random access); "
                           "the new head starts random")
         cfg = dataclasses.replace(cfg, probe_epochs=0)
-    if cfg.probe_epochs and not cfg.resume_from_checkpoint:  # a resumed run has its weights
+    # (a resumed run has its weights; --epochs 0 evaluates the pretrained start as it is)
+    if cfg.probe_epochs and cfg.epochs != 0 and not cfg.resume_from_checkpoint:
         probed = linear_probe(accelerator, cfg, built, train_ds, val_ds,
                               num_workers(cfg, accelerator.num_processes), channels_last,
                               weights)
@@ -67,7 +68,7 @@ def main(argv=None):
               started=STARTED, freeze_epochs=cfg.freeze_epochs, extra_results=probed,
               mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
               if cfg.mixup or cfg.cutmix else None,
-              evaluate_start=bool(cfg.probe_epochs), bn_eval=cfg.bn_eval)
+              evaluate_start=bool(probed), bn_eval=cfg.bn_eval)
     return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)
 
 

@@ -152,6 +152,10 @@ def _extract(accelerator, model, head_names, dataset, views, cfg, workers, chann
     """Features of `dataset` for each view, written by this machine's main process into
     `rows` ([N, views, dim] memmap; None elsewhere). Batches go to the model's device."""
     device = accelerator.device
+    if len(dataset) >= 10000:
+        # decode in a worker process: the training process then never maps the whole image
+        # column (memory-mapped Arrow pages count in its resident memory)
+        workers = max(workers, 1)
     for v in range(views):
         dataset.epoch.value = v  # view v = the augmentation of epoch v
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import signal
 import time
 
@@ -96,7 +97,9 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
     val_m = loop.run_epochs()
     wall = loop.earlier_seconds + time.time() - run.started
     run.extra_results = dict(run.extra_results or {},
-                             first_step_seconds=loop.first_step_seconds)
+                             first_step_seconds=loop.first_step_seconds,
+                             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                               / 1024, 1))  # of the main process
     return _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
                    output_dir, loop.stopped_early)
 

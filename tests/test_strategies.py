@@ -59,7 +59,7 @@ def test_onecycle_rises_then_anneals():
 def test_freeze_epochs_keep_backbone_and_batchnorm_then_train_them(nproc, image_folder,
                                                                    tiny_weights, tmp_path,
                                                                    offline_env):
-    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights]
+    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--probe-epochs", "0"]
     out, start_run = tmp_path / "run", tmp_path / "start"
     launch("train_finetune.py", [*args, "--epochs", "3", "--freeze-epochs", "2",
                                  "--checkpoints-total-limit", "0", "--output-dir", out],
