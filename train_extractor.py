@@ -44,6 +44,7 @@ def main(argv=None):
     common = dict(script="extractor", export=built.model, model_heads=built.head_names,
                   class_names=class_names, preprocessing=built.preprocessing,
                   loss=make_loss(cfg.label_smoothing, weights), started=STARTED,
+                  tta=cfg.tta,
                   mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
                   if cfg.mixup or cfg.cutmix else None)
     if cfg.cache_features:

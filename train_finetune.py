@@ -65,7 +65,8 @@ def main(argv=None):
               class_names=class_names, preprocessing=built.preprocessing,
               channels_last=channels_last, train_images=train_loader.dataset,
               val_images=val_loader.dataset, loss=make_loss(cfg.label_smoothing, weights),
-              started=STARTED, freeze_epochs=cfg.freeze_epochs, extra_results=probed,
+              started=STARTED, tta=cfg.tta, freeze_epochs=cfg.freeze_epochs,
+              extra_results=probed,
               mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
               if cfg.mixup or cfg.cutmix else None,
               evaluate_start=bool(probed), bn_eval=cfg.bn_eval)

@@ -100,6 +100,8 @@ class TrainConfig:
                              "train (for imbalanced classes)", choices=("none", "auto"))
     sampler: str = opt("random", "training order: random (shuffled), or balanced (each class "
                        "drawn equally often, with replacement)", choices=("random", "balanced"))
+    tta: bool = opt(False, "test-time augmentation: evaluate on each val image and its "
+                    "horizontal mirror, averaging the logits (as predict.py --tta does)")
     select_metric: str = opt("accuracy", "val metric that picks the best epoch (and stops "
                              "early with --patience)",
                              choices=("accuracy", "macro_f1", "balanced_accuracy", "loss"))
@@ -284,6 +286,9 @@ def _validate(parser, cfg):
         (not (cfg.streaming and getattr(cfg, "cache_features", False)),
          "--streaming cannot cache features (they need random access): add --no-cache-features"),
         (cfg.shuffle_buffer >= 1, "--shuffle-buffer must be >= 1"),
+        (not (cfg.tta and getattr(cfg, "cache_features", False)),
+         "--tta mirrors images, and cached val features are of one view: add "
+         "--no-cache-features (predict.py --tta works with any exported model)"),
         (not (cfg.download_original_data and (cfg.data_dir or cfg.dataset)),
          "--download-original-data is for runs without --data-dir or --dataset"),
         (not (cfg.weights and not cfg.pretrained), "--weights and --no-pretrained contradict"),

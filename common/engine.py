@@ -199,24 +199,24 @@ def evaluate(accelerator, model, loader, run, metrics):
         x, y = model_inputs(batch, run.channels_last)
         with accelerator.autocast():
             logits = model(x).float()
+            if run.tta and x.ndim == 4:  # --tta: the average over the image and its mirror
+                logits = (logits + model(x.flip(-1)).float()) / 2
         per_sample = F.cross_entropy(logits, y, reduction="none")
         prob, pred = logits.softmax(-1).max(-1)
-        parts.append((per_sample, pred, y, batch["index"], prob))
+        parts.append((per_sample, pred, y, batch["index"], prob, logits))
     local = [torch.cat(p) for p in zip(*parts)]
     if accelerator.num_processes > 1:  # (--streaming: the processes' parts differ in size)
-        local[3] = accelerator.pad_across_processes(local[3], pad_index=-1)
-        local[:3] = [accelerator.pad_across_processes(t) for t in local[:3]]
-        local[4] = accelerator.pad_across_processes(local[4])
-    losses, preds, labels, index, prob = [t.cpu() for t in accelerator.gather(local)]
-    real = index >= 0
-    losses, preds, labels, index, prob = (t[real] for t in (losses, preds, labels, index, prob))
-    index, first = _first_of_each(index)
-    losses, preds, labels, prob = losses[first], preds[first], labels[first], prob[first]
+        local = [accelerator.pad_across_processes(t, pad_index=-1 if k == 3 else 0)
+                 for k, t in enumerate(local)]
+    gathered = [t.cpu() for t in accelerator.gather(local)]
+    gathered = [t[gathered[3] >= 0] for t in gathered]  # not the padding
+    index, first = _first_of_each(gathered[3])
+    losses, preds, labels, _, prob, logits = (t[first] for t in gathered)
     out = compute_metrics(metrics, preds, labels, run.class_names)
     out.update(loss=losses.mean().item(), samples=len(labels),
                predictions={"index": index.tolist(), "pred": preds.tolist(),
                             "label": labels.tolist(), "prob": prob.tolist(),
-                            "loss": losses.tolist()})
+                            "loss": losses.tolist(), "logits": logits.tolist()})
     return out
 
 

@@ -9,6 +9,7 @@ place and renamed into it, so a crash never leaves a half-replaced model.
 
 import json
 import os
+import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,13 +29,39 @@ def cpu_state_dict(state):
             .contiguous() for k, v in state.items()}
 
 
-def export_model(state, out_dir, meta):
+def export_model(state, out_dir, meta, model=None):
     """Write a model's weights (a module or its state dict) and `meta` to `out_dir`,
-    replacing any previous export whole."""
+    replacing any previous export whole. For a timm `model` (its architecture), also timm's
+    own config.json with the class names, which makes the folder a timm/Hub model folder:
+    `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds it, `huggingface-cli upload` publishes it."""
     tmp = new_temp_dir(os.path.dirname(os.path.abspath(out_dir)), ".export-")
     save_file(cpu_state_dict(state), os.path.join(tmp, "model.safetensors"))
     write_json(os.path.join(tmp, "model.json"), dict(format=EXPORT_FORMAT, **meta))
+    if model is not None and hasattr(model, "pretrained_cfg"):  # timm
+        from timm.models._hub import save_config_for_hf
+
+        save_config_for_hf(model, os.path.join(tmp, "config.json"),
+                           model_config={"label_names": list(meta["class_names"])})
     replace_dir(tmp, out_dir)
+
+
+def update_export(out_dir, meta=None, files=None):
+    """Add to an export in place, each file atomically: keys of model.json, other files
+    (name -> bytes or text)."""
+    from common.files import write_text
+
+    if meta:
+        path = os.path.join(out_dir, "model.json")
+        with open(path) as fh:
+            write_json(path, {**json.load(fh), **meta})
+    for name, data in (files or {}).items():
+        if isinstance(data, bytes):
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out_dir)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, os.path.join(out_dir, name))
+        else:
+            write_text(os.path.join(out_dir, name), data)
 
 
 def load_exported(path, device="cpu"):
@@ -52,3 +79,38 @@ def load_exported(path, device="cpu"):
     model = build_model(meta["model"], len(meta["class_names"]), pretrained=False).model
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     return model.to(device).eval(), meta
+
+
+ONNX_META_KEY = "transfer_learning"  # model.json, in the ONNX file's metadata_props
+
+
+class OnnxModel:
+    """An ONNX file as a callable on torch tensors (onnxruntime; CUDA when it has it)."""
+
+    def __init__(self, path):
+        import onnxruntime
+
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in onnxruntime.get_available_providers()]
+        self.session = onnxruntime.InferenceSession(path, providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        out = self.session.run(None, {self.input: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def load_onnx(path):
+    """(callable model, meta) from an ONNX file written by export.py."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise UserError("ONNX models need onnxruntime: pip install -e '.[export]'")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    model = OnnxModel(path)
+    meta = model.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+    if meta is None:
+        raise UserError(f"{path}: an ONNX file without this project's metadata (class names, "
+                        "preprocessing); export it with export.py")
+    return model, json.loads(meta)

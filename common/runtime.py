@@ -50,6 +50,7 @@ class Run:
     mix: Optional[Callable] = None  # --mixup/--cutmix: (x, labels, key) -> (x, soft targets)
     evaluate_start: bool = False  # evaluate the starting model as epoch 0 (after a probe)
     bn_eval: bool = False         # BatchNorm in eval mode while every layer trains
+    tta: bool = False             # evaluate on each image and its mirror image (--tta)
 
     def frozen_at(self, epoch):
         """Whether the backbone is frozen (parameters and BatchNorm statistics) in `epoch`."""

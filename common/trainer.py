@@ -32,7 +32,9 @@ from common.checkpoint import (TrainState, apply_checkpoint, read_checkpoint,
 from common.data import set_epoch
 from common.engine import StopSignal, check_finite, evaluate, reduce_sums, train_one_epoch
 from common.errors import UserError
-from common.export import export_model
+from common.calibration import expected_calibration_error, fit_temperature
+from common.card import model_card
+from common.export import export_model, update_export
 from common.files import append_jsonl, write_json
 from common.ema import ModelEma
 from common.lr_finder import find_lr
@@ -41,7 +43,8 @@ from common.models import freeze_backbone, set_train_mode
 from common.optim import build_scheduler, group_lrs, position_scheduler, set_peak_lr
 from common.runtime import rewrap_ddp, seed_for_training
 from common.tracking import log_metrics, log_pictures, set_summary, start_run, tracker_run_id
-from common.viz import augmentation_preview_png, confusion_matrix_png, prediction_grid_png
+from common.viz import (augmentation_preview_png, confusion_matrix_png, prediction_grid_png,
+                        top_losses_png)
 
 
 def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
@@ -366,7 +369,7 @@ class _Loop:
                               heads=list(self.run.model_heads),
                               preprocessing=self.run.preprocessing, epoch=row["epoch"],
                               weights=source, val_accuracy=val_m["accuracy"],
-                              val_samples=val_m["samples"]))
+                              val_samples=val_m["samples"]), model=self.run.export)
 
     def _export_state(self, module):
         """The whole network's state with `module` (the trained module or its EMA) in it."""
@@ -425,17 +428,41 @@ def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, 
     set_summary(accelerator, {k: results[k] for k in ("best_val_accuracy", "best_val_loss",
                                                       "best_val_macro_f1", "best_epoch")})
     if accelerator.is_main_process:
+        _calibrate(best, results)
         write_json(os.path.join(output_dir, "results.json"), results)
-        log_pictures(accelerator, {
+        pictures = {
             "confusion_matrix": confusion_matrix_png(
                 best["confusion_matrix"], run.class_names,
                 os.path.join(output_dir, "confusion_matrix.png"),
-                f"Best epoch {best['epoch']} on val")}, state.step)
-        log_pictures(accelerator, {"predictions": prediction_grid_png(
-            run.val_images, best["predictions"], run,
-            os.path.join(output_dir, "predictions.png"))}, state.step)
+                f"Best epoch {best['epoch']} on val"),
+            "predictions": prediction_grid_png(run.val_images, best["predictions"], run,
+                                               os.path.join(output_dir, "predictions.png")),
+            "top_losses": top_losses_png(run.val_images, best["predictions"], run,
+                                         os.path.join(output_dir, "top_losses.png"))}
+        log_pictures(accelerator, {k: v for k, v in pictures.items() if v}, state.step)
+        _finish_export(cfg, run, results, os.path.join(output_dir, "best"),
+                       pictures["confusion_matrix"])
     accelerator.print(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
                       f"Best val Acc: {best['val_accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}, "
                       f"{n_val} images; epoch {best['epoch']}) -> {output_dir}")
     accelerator.end_training()
     return results
+
+
+def _calibrate(best, results):
+    """Temperature scaling of the best model on its val logits (common/calibration.py)."""
+    logits, labels = best["predictions"]["logits"], best["predictions"]["label"]
+    t = fit_temperature(logits, labels)
+    results.update(temperature=round(t, 4),
+                   val_ece=round(expected_calibration_error(logits, labels), 4),
+                   val_ece_calibrated=round(expected_calibration_error(logits, labels, t), 4))
+
+
+def _finish_export(cfg, run, results, best_dir, confusion_png):
+    """best/: the temperature in model.json, the model card and its picture."""
+    with open(confusion_png, "rb") as fh:
+        picture = fh.read()
+    timm_arch = getattr(run.export, "pretrained_cfg", {}).get("architecture")
+    card = model_card(cfg, results, timm_arch, {"confusion_matrix.png"})
+    update_export(best_dir, meta=dict(temperature=results["temperature"]),
+                  files={"confusion_matrix.png": picture, "README.md": card})

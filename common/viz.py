@@ -154,3 +154,18 @@ def lr_find_png(lrs, smoothed, suggested, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def top_losses_png(dataset, predictions, run, path, n=16):
+    """The val images the model got most wrong (highest loss): true label, prediction and
+    its probability, as fastai's plot_top_losses. Often shows mislabelled images."""
+    p, names = run.preprocessing, run.class_names
+    rows = sorted(zip(predictions["index"], predictions["pred"], predictions["label"],
+                      predictions["prob"], predictions["loss"]), key=lambda r: -r[4])[:n]
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # --streaming: not drawn
+        return None
+    images = [denormalize(dataset[i]["pixel_values"], p["mean"], p["std"]) for i, *_ in rows]
+    captions = [f"true {names[lb]}, pred {names[pr]}\n({pb:.2f}, loss {ls:.2f})"
+                for _, pr, lb, pb, ls in rows]
+    return image_grid_png(images, captions, path, wrong=[pr != lb for _, pr, lb, _, _ in rows],
+                          title="Val images with the highest loss")
