@@ -23,7 +23,7 @@ import sys
 import torch
 
 from common.export import load_exported, load_onnx
-from common.data import build_transforms, image_files, to_rgb
+from common.data import build_transforms, decode_image, decode_sizes, image_files
 from common.errors import UserError, cli
 
 
@@ -41,12 +41,9 @@ def list_images(paths):
     return files
 
 
-def _load(path, transform):
-    from PIL import Image
-
+def _load(path, transform, min_side):
     try:
-        with Image.open(path) as img:
-            return transform(to_rgb(img))
+        return transform(decode_image(path, min_side))
     except Exception as e:  # a corrupt file: reported, the rest still classified
         print(f"warning: skipping {path} ({type(e).__name__}: {e})", file=sys.stderr)
         return None
@@ -57,11 +54,12 @@ def predict(model, meta, files, top_k=1, batch_size=32, device="cpu", tta=False)
     """Rows (path, label, probability, rank, {class: probability}) for each readable file,
     top-k per file; probabilities calibrated by the export's temperature (if any)."""
     _, transform = build_transforms(meta["preprocessing"])
+    _, min_side = decode_sizes(meta["preprocessing"])
     names, temperature = meta["class_names"], meta.get("temperature") or 1.0
     rows = []
     for start in range(0, len(files), batch_size):
         loaded = [(f, x) for f in files[start:start + batch_size]
-                  if (x := _load(f, transform)) is not None]
+                  if (x := _load(f, transform, min_side)) is not None]
         if not loaded:
             continue
         x = torch.stack([x for _, x in loaded]).to(device)

@@ -14,9 +14,10 @@ CenterCrop for evaluation) with input size, resize, mean/std and interpolation t
 the model's pretrained config (`preprocessing`), never hard-coded.
 """
 
-import multiprocessing as mp
 import contextlib
 import io
+import math
+import multiprocessing as mp
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ import sys
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torchvision.transforms import v2
 
@@ -176,6 +178,31 @@ def _encode_labels(ds, flag, split, classes=None):
     return ds, classes
 
 
+def decode_image(source, min_side=None):
+    """An upright RGB PIL image from a file path or a datasets Image dict ({"path", "bytes"}).
+
+    JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8: PIL's draft mode) whose shorter
+    side is still at least `min_side`: a 4000 x 3000 photo evaluated at a 256-pixel resize
+    decodes at 1/8 scale, several times faster, with no loss the resize would keep. EXIF
+    orientation is applied (as datasets' Image feature does). The one decode path for
+    training, feature extraction, streaming and predict.py."""
+    if isinstance(source, dict):
+        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    img = PIL.Image.open(source)
+    if min_side and img.format == "JPEG" and min(img.size) > min_side:
+        scale = min_side / min(img.size)
+        img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+    return to_rgb(PIL.ImageOps.exif_transpose(img))
+
+
+def decode_sizes(preprocessing, cfg=None):
+    """(training, evaluation) smallest shorter side to decode at. Evaluation resizes to
+    `resize`; a training crop covers at least --train-crop-scale of the image's area, so a
+    shorter side of input_size / sqrt(scale) keeps every crop at full resolution."""
+    scale = cfg.train_crop_scale if cfg is not None else 0.08
+    return math.ceil(preprocessing["input_size"] / math.sqrt(scale)), preprocessing["resize"]
+
+
 def to_rgb(img):
     """RGB from any mode: grayscale, palette, RGBA, CMYK (PIL's conversions), and 16/32-bit
     integer or float images, which PIL's convert("RGB") clips to white: rescaled to 8 bits."""
@@ -271,16 +298,18 @@ class ImageDataset(torch.utils.data.Dataset):
     `epoch` is shared memory, so loader workers see the epoch the main process sets.
     """
 
-    def __init__(self, split, transform, seed=None, views=None):
-        self.split, self.transform, self.seed, self.views = split, transform, seed, views
+    def __init__(self, split, transform, seed=None, views=None, min_side=None):
+        # decoded here (decode_image), not by the datasets Image feature: at reduced scale
+        self.split = split.cast_column("image", datasets.Image(decode=False))
+        self.transform, self.seed, self.views, self.min_side = transform, seed, views, min_side
         self.epoch = mp.Value("i", 0, lock=False)
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, i):
-        row = self.split[i]  # the Image feature decodes the file here (EXIF-rotated)
-        img = to_rgb(row["image"])
+        row = self.split[i]
+        img = decode_image(row["image"], self.min_side)
         if self.seed is None:
             x = self.transform(img)
         else:
@@ -330,7 +359,9 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
     `views`: None = a new augmentation every epoch; K >= 1 = K augmentations per image,
     cycled; 0 = no augmentation (the evaluation transform, centre crop)."""
     train_tf, eval_tf = training_transforms(preprocessing, cfg)
-    train_tf = eval_tf if views == 0 else train_tf
+    train_side, eval_side = decode_sizes(preprocessing, cfg)
+    if views == 0:
+        train_tf, train_side = eval_tf, eval_side
     workers = num_workers(cfg, num_processes)
     if hasattr(train, "stream"):  # --streaming
         from accelerate import PartialState
@@ -340,16 +371,18 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
         if cfg.sampler == "balanced":
             raise UserError("--sampler balanced needs random access; with --streaming use "
                             "--class-weights auto")
-        return streaming_loaders(train, val, train_tf, eval_tf, cfg, PartialState(), workers)
+        return streaming_loaders(train, val, train_tf, eval_tf, cfg, PartialState(), workers,
+                                 (train_side, eval_side))
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                   worker_init_fn=_worker_ignores_stop_signals,
                   # a private generator: creating an iterator never draws from the global RNG
                   generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = torch.utils.data.DataLoader(
-        ImageDataset(train, train_tf, seed=None if views == 0 else cfg.seed, views=views),
-        **train_order(cfg, train["label"]), **common)
-    val_loader = torch.utils.data.DataLoader(ImageDataset(val, eval_tf), shuffle=False, **common)
+        ImageDataset(train, train_tf, seed=None if views == 0 else cfg.seed, views=views,
+                     min_side=train_side), **train_order(cfg, train["label"]), **common)
+    val_loader = torch.utils.data.DataLoader(ImageDataset(val, eval_tf, min_side=eval_side),
+                                             shuffle=False, **common)
     return train_loader, val_loader
 
 

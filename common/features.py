@@ -41,7 +41,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from common import mmap_tensors
-from common.data import ImageDataset, train_order, training_transforms
+from common.data import ImageDataset, decode_sizes, train_order, training_transforms
 from common.imagecheck import identity_digest
 from common.errors import UserError
 from common.models import in_heads
@@ -189,9 +189,11 @@ def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, prep
     model, data, transform and precision."""
     train_tf, eval_tf = training_transforms(preprocessing, cfg)
     views = max(cfg.feature_views, 1)
-    train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views)
-                    if cfg.feature_views else ImageDataset(train, eval_tf))
-    val_images = ImageDataset(val, eval_tf)
+    train_side, eval_side = decode_sizes(preprocessing, cfg)
+    train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views,
+                                 min_side=train_side)
+                    if cfg.feature_views else ImageDataset(train, eval_tf, min_side=eval_side))
+    val_images = ImageDataset(val, eval_tf, min_side=eval_side)
     device = accelerator.device
     precision = extract_precision(cfg, device)
     model = model.to(device).eval()

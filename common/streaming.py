@@ -19,14 +19,11 @@ Cached features (the extractor's default, the fine-tune's linear probe) need ran
 so they are off with --streaming.
 """
 
-import io
 import multiprocessing as mp
 import sys
 
 import datasets
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 import torch
 from datasets.distributed import split_dataset_by_node
 
@@ -113,8 +110,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
     """This process's part of a split, decoded and transformed like ImageDataset (RGB, the
     same per-image augmentation seeds)."""
 
-    def __init__(self, split, transform, rank, world, seed=None):
-        self.split, self.transform, self.seed = split, transform, seed
+    def __init__(self, split, transform, rank, world, seed=None, min_side=None):
+        self.split, self.transform, self.seed, self.min_side = split, transform, seed, min_side
         self.part = split_dataset_by_node(split.stream, rank=rank, world_size=world)
         self.epoch = mp.Value("i", 0, lock=False)
 
@@ -122,15 +119,13 @@ class StreamDataset(torch.utils.data.IterableDataset):
         return self.split.size
 
     def __iter__(self):
-        from common.data import to_rgb
+        from common.data import decode_image
 
         self.part.set_epoch(self.epoch.value)  # a new shuffle per epoch
         for ex in self.part:
             src = ex["image"]
             try:
-                img = PIL.Image.open(src["path"] if src.get("bytes") is None
-                                     else io.BytesIO(src["bytes"]))
-                img = to_rgb(PIL.ImageOps.exif_transpose(img))
+                img = decode_image(src, self.min_side)
             except Exception as e:  # a corrupt image: skipped here, as the pre-check would
                 print(f"warning: skipping unreadable image {src.get('path') or ex['index']} "
                       f"({type(e).__name__})", file=sys.stderr)
@@ -193,7 +188,7 @@ class StreamLoader:
                                 f"holds fewer than --batch-size {self.batch_size} images")
 
 
-def streaming_loaders(train, val, train_tf, eval_tf, cfg, accelerator, workers):
+def streaming_loaders(train, val, train_tf, eval_tf, cfg, accelerator, workers, sides):
     """(train StreamLoader, val StreamLoader) for this process."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world
@@ -202,7 +197,7 @@ def streaming_loaders(train, val, train_tf, eval_tf, cfg, accelerator, workers):
     if steps == 0:
         raise UserError(f"--streaming: {len(train)} training images are fewer than one step of "
                         f"{per_step} (--batch-size x processes)")
-    train_ds = StreamDataset(train, train_tf, rank, world, seed=cfg.seed)
-    val_ds = StreamDataset(val, eval_tf, rank, world)
+    train_ds = StreamDataset(train, train_tf, rank, world, seed=cfg.seed, min_side=sides[0])
+    val_ds = StreamDataset(val, eval_tf, rank, world, min_side=sides[1])
     return (StreamLoader(train_ds, cfg.batch_size, workers, accelerator.device, steps),
             StreamLoader(val_ds, cfg.batch_size, workers, accelerator.device))

@@ -65,6 +65,8 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
     # batches moved to the device
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader)
+    if cfg.compile:  # after DDP: torch.compile wraps the DDP module (rewrap_ddp keeps it so)
+        model = torch.compile(model)
     if not ckpt and (cfg.find_lr or cfg.lr == "auto"):
         state.lr = _lr_range_test(accelerator, cfg, run, model, optimizer, train_loader,
                                   frozen, output_dir)
@@ -85,8 +87,6 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
                       steps_per_epoch, output_dir)
         if ema is not None and "ema" in ckpt.extra:
             ema.load_state_dict(ckpt.extra["ema"])
-    with accelerator.main_process_first():
-        metrics = load_metrics()
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     _announce(accelerator, cfg, run, state, global_batch, steps_per_epoch, output_dir)
     # last, after everything that might draw random numbers: each rank's own stream
@@ -96,7 +96,7 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
         seed_for_training(accelerator, cfg.seed)
 
     loop = _Loop(accelerator, cfg, run, state, model, optimizer, scheduler, train_loader,
-                 val_loader, metrics, output_dir, frozen, ema)
+                 val_loader, output_dir, frozen, ema)
     val_m = loop.run_epochs()
     wall = loop.earlier_seconds + time.time() - run.started
     run.extra_results = dict(run.extra_results or {},
@@ -207,11 +207,11 @@ class _Loop:
     """The epoch loop and its per-step hook (log, checkpoint, stop)."""
 
     def __init__(self, accelerator, cfg, run, state, model, optimizer, scheduler,
-                 train_loader, val_loader, metrics, output_dir, frozen, ema):
+                 train_loader, val_loader, output_dir, frozen, ema):
         self.accelerator, self.cfg, self.run, self.state = accelerator, cfg, run, state
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.metrics, self.output_dir, self.frozen = metrics, output_dir, frozen
+        self.output_dir, self.frozen, self._metric_modules = output_dir, frozen, None
         self.ema, self.stopped_early, self.first_step_seconds = ema, None, None
         self.stop = StopSignal()
         self.earlier_seconds = state.wall_seconds  # of the sessions before a resume
@@ -295,6 +295,14 @@ class _Loop:
         if accelerator.is_main_process:
             append_jsonl(os.path.join(self.output_dir, "metrics.jsonl"), row)
         return val_m
+
+    @property
+    def metrics(self):
+        """The `evaluate` modules, loaded at the first evaluation (not before training)."""
+        if self._metric_modules is None:
+            with self.accelerator.main_process_first():  # one process fills the HF cache
+                self._metric_modules = load_metrics()
+        return self._metric_modules
 
     def _phase(self):
         """Freeze or unfreeze for this epoch, and put the model in train mode (a frozen

@@ -1,16 +1,23 @@
-"""Pictures of a run, as PNG files: confusion matrix, prediction grid, augmentation preview,
-and the curves of `compare_runs.py`. matplotlib with the Agg backend: no display needed."""
+"""Pictures of a run, as PNG files: confusion matrix, prediction grid, top losses,
+augmentation preview, and the curves of `compare_runs.py` (matplotlib for the charts, PIL for
+the image grids)."""
 
 import itertools
 import math
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+def _pyplot():
+    """matplotlib, imported when a chart is drawn (half a second that training need not
+    wait for), with the Agg backend: no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def denormalize(x, mean, std):
@@ -20,6 +27,7 @@ def denormalize(x, mean, std):
 
 
 def confusion_matrix_png(cm, class_names, path, title="Confusion matrix (val)"):
+    plt = _pyplot()
     cm = np.asarray(cm)
     n = len(class_names)
     size = max(4.0, 0.6 * n + 2)
@@ -84,6 +92,9 @@ def image_grid_png(images, captions, path, wrong=None, title=None, cols=4):
 
 def curves_png(runs, path):
     """runs: list of (label, epochs, val_accuracy, val_loss); one line per run."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for label, epochs, acc, loss in runs:
         acc_ax.plot(epochs, acc, marker="o", label=label)
@@ -140,6 +151,7 @@ def prediction_grid_png(dataset, predictions, run, path, n=16):
 def lr_find_png(lrs, smoothed, suggested, path):
     """LR range test: smoothed training loss against the learning rate (log scale), with
     the suggested lr marked."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, smoothed)
     ax.set_xscale("log")
