@@ -74,7 +74,7 @@ def test_kill_9_mid_epoch_then_resume_latest_matches_uninterrupted(
         assert res[key] == full[key], key
     assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]  # no duplicated epochs
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # 0: the probe; no duplicates
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(data, uninterrupted, tmp_path,

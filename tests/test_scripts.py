@@ -27,7 +27,8 @@ def test_script_trains_and_writes_a_complete_run_folder(script, nproc, image_fol
                                                         tiny_weights, tmp_path, offline_env):
     out = tmp_path / "run"
     # rates at which the colour-coded tiny set is learned in 3 epochs
-    lr = ["--lr", "0.1", "--freeze-epochs", "0"] if "finetune" in script else ["--lr", "0.5"]
+    lr = (["--lr", "0.1", "--freeze-epochs", "0", "--probe-epochs", "0"] if "finetune" in script
+          else ["--lr", "0.5"])
     proc = launch(script, ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
                            "--epochs", "3", *lr, "--output-dir", out, "--report-to", "none"],
                   offline_env, nproc=nproc)
@@ -77,8 +78,8 @@ def test_extractor_leaves_backbone_and_batchnorm_bit_identical(image_folder, tin
 def test_finetune_trains_the_backbone(image_folder, tiny_weights, tmp_path, offline_env):
     out = tmp_path / "run"
     launch("train_finetune.py", ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
-                                 "--epochs", "1", "--freeze-epochs", "0", "--output-dir", out,
-                                 "--report-to", "none"], offline_env)
+                                 "--epochs", "1", "--freeze-epochs", "0", "--probe-epochs", "0",
+                                 "--output-dir", out, "--report-to", "none"], offline_env)
     start, end = load_file(tiny_weights), load_file(str(out / "best" / "model.safetensors"))
     changed = [k for k, v in _backbone_tensors(end).items() if not torch.equal(v, start[k])]
     assert any(k.endswith("weight") for k in changed)

@@ -15,7 +15,7 @@ from common.optim import lr_factor, param_groups
 from conftest import launch
 
 TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0",
-        "--report-to", "none"]
+        "--report-to", "none", "--probe-epochs", "0"]  # (the probe has its own test below)
 
 
 def rows(out):
@@ -59,7 +59,7 @@ def test_onecycle_rises_then_anneals():
 def test_freeze_epochs_keep_backbone_and_batchnorm_then_train_them(nproc, image_folder,
                                                                    tiny_weights, tmp_path,
                                                                    offline_env):
-    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--probe-epochs", "0"]
+    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights]
     out, start_run = tmp_path / "run", tmp_path / "start"
     launch("train_finetune.py", [*args, "--epochs", "3", "--freeze-epochs", "2",
                                  "--checkpoints-total-limit", "0", "--output-dir", out],
@@ -191,3 +191,24 @@ def test_lr_auto_trains_as_if_given_the_suggested_lr(image_folder, tiny_weights,
     again = json.load(open(given / "results.json"))
     assert again["final_val_loss"] == pytest.approx(res["final_val_loss"], rel=1e-6)
     assert rows(given)[0]["train_loss"] == pytest.approx(rows(auto)[0]["train_loss"], rel=1e-6)
+
+
+def test_linear_probe_starts_the_fine_tune_where_the_extractor_ends(image_folder, tiny_weights,
+                                                                  tmp_path, offline_env):
+    """The probe is the extractor's default recipe on the same cached features: the fine-tune's
+    epoch 0 is the extractor's best model, so the fine-tune can only keep or improve on it."""
+    common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
+              "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
+              "--feature-cache-dir", tmp_path / "cache", "--checkpointing-steps", "no"]
+    launch("train_extractor.py", [*common, "--output-dir", tmp_path / "x"], offline_env)
+    proc = launch("train_finetune.py", [*common, "--epochs", "2", "--output-dir",
+                                        tmp_path / "f"], offline_env)
+    assert "features: cached in" in proc.stdout  # the extractor's cache, reused
+    extractor = json.load(open(tmp_path / "x" / "results.json"))
+    finetune = json.load(open(tmp_path / "f" / "results.json"))
+    epochs = rows(tmp_path / "f")
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert epochs[0]["val_accuracy"] == extractor["best_val_accuracy"]
+    assert epochs[0]["val_loss"] == pytest.approx(extractor["best_val_loss"], rel=1e-4)
+    assert finetune["probe_best_epoch"] == extractor["best_epoch"]
+    assert finetune["best_val_accuracy"] >= extractor["best_val_accuracy"]
