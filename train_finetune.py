@@ -1,4 +1,4 @@
-"""Fine-tune an ImageNet-pretrained backbone on a small image dataset: new head, every layer trained.
+"""Fine-tune an ImageNet-pretrained backbone on a small image dataset: new head, every layer.
 
 Runs on CPU, one GPU, several GPUs or machines, in fp32/bf16/fp16, through Accelerate:
     accelerate launch --config_file accelerate_configs/cpu.yaml train_finetune.py --data-dir DIR

@@ -31,7 +31,8 @@ def model_card(cfg, results, timm_arch, card_files):
     front = ["---", f"library_name: {library}", "tags:"] + [f"- {t}" for t in tags]
     if cfg.dataset and not os.path.exists(cfg.dataset):  # a Hub dataset's name
         front += ["datasets:", f"- {cfg.dataset}"]
-    front += ["metrics:", "- accuracy", "model-index:", f"- name: {os.path.basename(cfg.output_dir or 'model')}",
+    name = os.path.basename(os.path.normpath(cfg.output_dir or "model"))
+    front += ["metrics:", "- accuracy", "model-index:", f"- name: {name}",
               "  results:", "  - task:", "      type: image-classification", "    dataset:",
               f"      name: {data}", f"      type: {cfg.dataset or 'imagefolder'}", "    metrics:",
               "    - type: accuracy", f"      value: {acc:.4f}", "---", ""]
@@ -85,8 +86,10 @@ def model_card(cfg, results, timm_arch, card_files):
         lines += ["```python",
                   "import timm, torch",
                   "from PIL import Image",
-                  "# pretrained=True loads this folder's weights; \"hf-hub:USER/NAME\" once uploaded",
-                  'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
+                  "# pretrained=True loads this folder's weights (\"hf-hub:USER/NAME\" once",
+                  "# uploaded with huggingface-cli upload USER/NAME THIS/FOLDER)",
+                  'folder = "local-dir:PATH/TO/THIS/FOLDER"',
+                  "model = timm.create_model(folder, pretrained=True).eval()",
                   "cfg = timm.data.resolve_data_config({}, model=model)",
                   "transform = timm.data.create_transform(**cfg)",
                   'x = transform(Image.open("photo.jpg").convert("RGB"))[None]',

@@ -162,8 +162,9 @@ def _encode_labels(ds, flag, split, classes=None):
     if classes is None:
         kinds = {type(v) for v in values}
         if len(kinds) > 1:
-            raise UserError(f"{flag}: the {split} labels mix types ({', '.join(sorted(k.__name__ for k in kinds))}); "
-                            "make them all strings or all integers")
+            found = ", ".join(sorted(k.__name__ for k in kinds))
+            raise UserError(f"{flag}: the {split} labels mix types ({found}); make them all "
+                            "strings or all integers")
         classes = [str(v) for v in sorted(set(values))]
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({str(v) for v in values} - set(index))

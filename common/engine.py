@@ -76,7 +76,8 @@ class BatchMix:
 
     def __call__(self, x, y, key):
         with torch.random.fork_rng(devices=[]):  # MixUp/CutMix draw on the CPU
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, *key, 2]).generate_state(1)[0]))
+            seed = np.random.SeedSequence([self.seed, *key, 2]).generate_state(1)[0]
+            torch.manual_seed(int(seed))
             if x.ndim == 4:
                 return self.op(x, y)
             mixed, target = self.mixup_only(x[:, :, None, None], y)

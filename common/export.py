@@ -33,7 +33,8 @@ def export_model(state, out_dir, meta, model=None):
     """Write a model's weights (a module or its state dict) and `meta` to `out_dir`,
     replacing any previous export whole. For a timm `model` (its architecture), also timm's
     own config.json with the class names, which makes the folder a timm/Hub model folder:
-    `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds it, `huggingface-cli upload` publishes it."""
+    `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds it, `huggingface-cli
+    upload` publishes it."""
     tmp = new_temp_dir(os.path.dirname(os.path.abspath(out_dir)), ".export-")
     save_file(cpu_state_dict(state), os.path.join(tmp, "model.safetensors"))
     write_json(os.path.join(tmp, "model.json"), dict(format=EXPORT_FORMAT, **meta))

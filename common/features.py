@@ -140,9 +140,9 @@ def _probe(model, head_names, example, device):
     heads = FeatureHeads([model.get_submodule(h) for h in head_names], dims)
     again = heads(torch.cat(captured, dim=1)).float()
     if again.shape != out.shape or not torch.allclose(again, out, rtol=1e-3, atol=1e-4):
-        raise UserError(f"this model's output is not its classifier heads ({', '.join(head_names)}) "
-                        "applied to their inputs, so cached features cannot reproduce it; "
-                        "pass --no-cache-features")
+        raise UserError(f"this model's output is not its classifier heads "
+                        f"({', '.join(head_names)}) applied to their inputs, so cached features "
+                        "cannot reproduce it; pass --no-cache-features")
     return dims
 
 

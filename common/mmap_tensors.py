@@ -21,7 +21,8 @@ def create(path, shapes):
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = int(np.prod(shape)) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned

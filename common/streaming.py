@@ -53,8 +53,9 @@ def load_streaming(cfg, name, val_names):
     try:
         dd = datasets.load_dataset(name, streaming=True)
     except (ConnectionError, OSError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"--dataset {name} --streaming: could not open it as a stream "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                        f"({type(e).__name__}: {why})") from None
     if cfg.train_split not in dd:
         raise UserError(f"--dataset {name}: no split '{cfg.train_split}' (it has "
                         f"{', '.join(dd)}); pick one with --train-split")
@@ -67,7 +68,8 @@ def load_streaming(cfg, name, val_names):
     for key, split in (("train", cfg.train_split), ("val", val_name)):
         ds = dd[split]
         columns = list(ds.features or {})
-        for flag, col in (("--image-column", cfg.image_column), ("--label-column", cfg.label_column)):
+        for flag, col in (("--image-column", cfg.image_column),
+                          ("--label-column", cfg.label_column)):
             if columns and col not in columns:
                 raise UserError(f"--dataset {name}: no column '{col}' (it has "
                                 f"{', '.join(columns)}); pick one with {flag}")
