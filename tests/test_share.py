@@ -55,7 +55,8 @@ def test_model_card_states_the_accuracy_its_interval_and_how_to_load(trained):
     assert f"value: {res['best_val_accuracy']:.4f}" in card  # Hub metadata
     low, high = res["best_val_accuracy_ci95"]
     assert f"**{res['best_val_accuracy']:.4f}**" in card and f"{low:.3f}-{high:.3f}" in card
-    assert 'timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)' in card
+    assert 'folder = "local-dir:PATH/TO/THIS/FOLDER"' in card
+    assert "timm.create_model(folder, pretrained=True)" in card
     assert "predict.py" in card
     assert "## Limitations" in card and "| cat |" in card
     assert (out / "best" / "confusion_matrix.png").exists()
