@@ -177,6 +177,8 @@ class FinetuneConfig(TrainConfig):
                                        "layer k below the top learns at lr x mult x D^k")
     bn_eval: bool = opt(False, "keep BatchNorm layers in eval mode (running statistics as "
                         "pretrained) while every layer trains")
+    patience: int = opt(5, "stop after N evaluations without a better --select-metric "
+                        "(0: never); the best model (the probe's, as epoch 0, included) is kept")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from conftest import CONFIGS, REPO, launch, make_image_folder
 
 ARGS = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
         "--num-workers", "1", "--epochs", "6", "--checkpointing-steps", "2",
-        "--report-to", "none", "--seed", "7"]
+        "--report-to", "none", "--seed", "7", "--patience", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -212,3 +212,20 @@ def test_linear_probe_starts_the_fine_tune_where_the_extractor_ends(image_folder
     assert epochs[0]["val_loss"] == pytest.approx(extractor["best_val_loss"], rel=1e-4)
     assert finetune["probe_best_epoch"] == extractor["best_epoch"]
     assert finetune["best_val_accuracy"] >= extractor["best_val_accuracy"]
+
+
+def test_patience_stops_after_n_evaluations_without_a_better_metric_and_keeps_the_best(
+        image_folder, tmp_path, offline_env):
+    # lr 1e-12: the weights, hence val accuracy, cannot change, so epoch 1 stays the best
+    # (the first that sets it) and --patience 2 ends the 10-epoch run after epoch 3
+    out = tmp_path / "run"
+    launch("train_extractor.py", ["--data-dir", image_folder, *TINY[:-2], "--no-pretrained",
+                                  "--lr", "1e-12", "--epochs", "10", "--patience", "2",
+                                  "--output-dir", out], offline_env)
+    res = json.load(open(out / "results.json"))
+    epochs = [r["epoch"] for r in rows(out)]
+    assert res["stopped_early_after_epoch"] == epochs[-1] == res["best_epoch"] + 2, (res, epochs)
+    assert epochs[-1] < 10
+    best = [r for r in rows(out) if r["epoch"] == res["best_epoch"]][0]
+    assert res["best_val_accuracy"] == best["val_accuracy"] == max(r["val_accuracy"]
+                                                                   for r in rows(out))
