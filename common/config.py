@@ -175,8 +175,11 @@ class FinetuneConfig(TrainConfig):
     backbone_lr_mult: float = opt(0.1, "backbone learning rate = head lr x this")
     layer_decay: Optional[float] = opt(None, "layer-wise lr decay D (timm-style): a backbone "
                                        "layer k below the top learns at lr x mult x D^k")
-    bn_eval: bool = opt(False, "keep BatchNorm layers in eval mode (running statistics as "
-                        "pretrained) while every layer trains")
+    bn_eval: Optional[bool] = opt(None, "keep BatchNorm layers in eval mode (running "
+                                  "statistics as pretrained, as the linear probe saw them) "
+                                  "while every layer trains; --no-bn-eval updates them from "
+                                  "the training batches. Default: on with pretrained weights, "
+                                  "off with --no-pretrained")
     patience: int = opt(5, "stop after N evaluations without a better --select-metric "
                         "(0: never); the best model (the probe's, as epoch 0, included) is kept")
 

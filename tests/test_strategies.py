@@ -61,9 +61,10 @@ def test_freeze_epochs_keep_backbone_and_batchnorm_then_train_them(nproc, image_
                                                                    offline_env):
     args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights]
     out, start_run = tmp_path / "run", tmp_path / "start"
+    # --no-bn-eval: after the unfreeze, BatchNorm statistics update too (checked below)
     launch("train_finetune.py", [*args, "--epochs", "3", "--freeze-epochs", "2",
-                                 "--checkpoints-total-limit", "0", "--output-dir", out],
-           offline_env, nproc=nproc)
+                                 "--checkpoints-total-limit", "0", "--output-dir", out,
+                                 "--no-bn-eval"], offline_env, nproc=nproc)
     # the same seed with --epochs 0 exports the starting model: pretrained body, new head
     launch("train_finetune.py", [*args, "--epochs", "0", "--output-dir", start_run],
            offline_env, nproc=nproc)
