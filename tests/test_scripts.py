@@ -98,9 +98,10 @@ def test_finetune_from_random_init_updates_batchnorm_statistics(image_folder, tm
     # --bn-eval is on by default only over pretrained weights: a random init's statistics
     # (mean 0, variance 1) are not worth keeping
     out = tmp_path / "run"
+    # no probe and no frozen epoch, so that the one saved epoch trained the backbone
     launch("train_finetune.py", ["--data-dir", image_folder, *TINY, "--no-pretrained",
-                                 "--epochs", "1", "--output-dir", out, "--report-to", "none"],
-           offline_env)
+                                 "--epochs", "1", "--freeze-epochs", "0", "--probe-epochs", "0",
+                                 "--output-dir", out, "--report-to", "none"], offline_env)
     end = load_file(str(out / "best" / "model.safetensors"))
     means = [v for k, v in end.items() if k.endswith("running_mean")]
     assert means and all(v.abs().sum() > 0 for v in means)
