@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from common.errors import UserError
 from common.metrics import compute_metrics
+from common.runtime import trim_host_memory
 
 
 class StopSignal:
@@ -197,6 +198,7 @@ def evaluate(accelerator, model, loader, run, metrics):
     parts = []
     for batch in tqdm(loader, desc="val", leave=False,
                       disable=not accelerator.is_local_main_process):
+        trim_host_memory(accelerator.device)  # bounds RSS creep over many val batches on CPU
         x, y = model_inputs(batch, run.channels_last)
         with accelerator.autocast():
             logits = model(x).float()

@@ -45,7 +45,7 @@ from common.data import ImageDataset, decode_sizes, train_order, training_transf
 from common.imagecheck import identity_digest
 from common.errors import UserError
 from common.models import in_heads
-from common.runtime import cpu_has_native_bf16
+from common.runtime import cpu_has_native_bf16, trim_host_memory
 
 FORMAT = 2
 
@@ -164,6 +164,7 @@ def _extract(accelerator, model, head_names, dataset, views, cfg, workers, chann
                                      process_index=accelerator.process_index,
                                      put_on_device=True)
         for batch in loader:
+            trim_host_memory(device)  # bounds RSS creep over many batches on CPU
             x = batch["pixel_values"]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -143,3 +143,29 @@ def test_two_machines_give_the_metrics_of_one_process_and_resume(script, tmp_pat
     a, b = results(tmp_path / "full"), results(tmp_path / "resumed")
     assert a["final_val_accuracy"] == b["final_val_accuracy"]
     assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], rel=1e-5)
+
+
+_TRIM_PROBE = r"""
+import ctypes, torch
+from common.runtime import trim_host_memory
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # freeing a 16 MB mmapped block raises glibc's dynamic mmap threshold to 16 MB
+blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(300)]  # 300 MB on the heap
+keep = blocks[-1]  # pins the heap's top: freeing the rest cannot shrink it by itself
+del blocks
+before = rss_mb()
+trim_host_memory(torch.device("cpu"))
+print(before, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux")
+def test_trim_host_memory_returns_freed_heap_pages_to_the_os():
+    # what bounds the resident memory of evaluation and extraction over many CPU batches
+    proc = subprocess.run([sys.executable, "-c", _TRIM_PROBE], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    before, after = map(int, proc.stdout.split())
+    assert before - after > 200, (before, after)
