@@ -98,7 +98,7 @@ def trim_host_memory(device):
     keeps freed pages mapped and, fragmented by the decoded images in between, the resident
     memory creeps up with every batch (without this the peak grew by ~160 MB from 7 to 63 val
     batches; with it by ~16 MB). Called before each evaluation and extraction batch, it costs
-    under 1% of a batch (benchmarks/README.md, memory)."""
+    about 1-2% of a batch (benchmarks/README.md, memory)."""
     global _MALLOC_TRIM
     if device.type != "cpu":
         return
