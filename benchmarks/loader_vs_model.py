@@ -8,6 +8,13 @@ as the scripts choose, and bf16 when --bf16). The model is starved when the load
 at the chosen worker count is below the model's. With --train, it also launches
 train_finetune.py (accelerate_configs/cpu.yaml, its defaults, 2 epochs at this batch size)
 and compares the training loop's img/s (epoch 2, from metrics.jsonl) with the bare model's.
+With --timm-train PATH/train.py (timm's own training script, e.g. from a clone of
+pytorch-image-models at the installed timm's version) it also runs that for 2 epochs on the
+same data, model, batch, channels-last, worker count and device, fp32, and prints its
+epoch-2 img/s and the ratio:
+
+    python benchmarks/loader_vs_model.py --data-dir ../shared/data/clothing --workers 0 \
+        --train --train-workers 0 --timm-train /tmp/timm-train/train.py
 """
 
 import argparse
@@ -69,7 +76,8 @@ def train_rate(args):
                "--config_file", os.path.join(repo, "accelerate_configs", "cpu.yaml"),
                os.path.join(repo, "train_finetune.py"), "--data-dir", args.data_dir,
                "--model", args.model, "--no-pretrained", "--batch-size", str(args.batch_size),
-               "--epochs", "2", "--freeze-epochs", "0", "--checkpointing-steps", "no",
+               "--epochs", "2", "--freeze-epochs", "0", "--probe-epochs", "0",
+               "--checkpointing-steps", "no",
                "--num-workers", str(args.train_workers),
                "--report-to", "none", "--output-dir", os.path.join(out, "run")]
         subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ,
@@ -77,6 +85,29 @@ def train_rate(args):
         with open(os.path.join(out, "run", "metrics.jsonl")) as fh:
             row = [json.loads(line) for line in fh][-1]
     return row["train_samples"] / row["train_seconds"]
+
+
+def timm_rate(args):
+    """Images/s of timm's train.py, epoch 2 (its running average over the epoch's updates),
+    with the same model, batch, channels-last, workers and fp32 on this device."""
+    arch = args.model.split(":", 1)[-1]
+    classes = len([d for d in os.listdir(os.path.join(args.data_dir, "train"))
+                   if os.path.isdir(os.path.join(args.data_dir, "train", d))])
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, args.timm_train, "--data-dir", args.data_dir,
+               "--train-split", "train", "--val-split", "val", "--model", arch,
+               "--num-classes", str(classes), "-b", str(args.batch_size), "--epochs", "2",
+               "--channels-last", "--workers", str(max(args.train_workers, 0)),
+               "--no-prefetcher", "--device", "cuda" if torch.cuda.is_available() else "cpu",
+               "--opt", "sgd", "--lr", "0.01", "--sched", "cosine", "--log-interval", "5",
+               "--output", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        if proc.returncode != 0:
+            raise SystemExit(f"timm train.py failed:\n{proc.stderr[-3000:]}")
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "Train: 1 [" in ln]
+    # '... Time: 1.1s, 29.1/s  (1.2s, 27.6/s)  ...': the bracket is the epoch's running mean
+    return float(lines[-1].split("Time:")[1].split("(")[1].split(",")[1].split("/s")[0])
 
 
 def main():
@@ -94,6 +125,7 @@ def main():
                    help="also time the real training loop (fp32, channels-last) against it")
     p.add_argument("--train-workers", type=int, default=-1,
                    help="--num-workers of that training run (-1: the scripts' default)")
+    p.add_argument("--timm-train", help="timm's train.py: run it beside ours (needs --train)")
     args = p.parse_args()
     train, val, classes = load_image_folder(args.data_dir, 0.2, 0)
     model, _, pre = build_model(args.model, len(classes), pretrained=False)
@@ -112,6 +144,10 @@ def main():
         loop = train_rate(args)
         print(f"training loop fp32 channels-last (train_finetune.py, epoch 2): {loop:7.1f} img/s"
               f" = {loop / bare:.0%} of the bare model's fwd+bwd")
+        if args.timm_train:
+            theirs = timm_rate(args)
+            print(f"timm train.py fp32 channels-last (epoch 2): {theirs:7.1f} img/s; "
+                  f"ours / timm's: {loop / theirs:.2f}x")
 
 
 if __name__ == "__main__":
