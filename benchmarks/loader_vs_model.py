@@ -87,16 +87,14 @@ def train_rate(args):
     return row["train_samples"] / row["train_seconds"]
 
 
-def timm_rate(args):
+def timm_rate(args, num_classes):
     """Images/s of timm's train.py, epoch 2 (its running average over the epoch's updates),
     with the same model, batch, channels-last, workers and fp32 on this device."""
     arch = args.model.split(":", 1)[-1]
-    classes = len([d for d in os.listdir(os.path.join(args.data_dir, "train"))
-                   if os.path.isdir(os.path.join(args.data_dir, "train", d))])
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, args.timm_train, "--data-dir", args.data_dir,
                "--train-split", "train", "--val-split", "val", "--model", arch,
-               "--num-classes", str(classes), "-b", str(args.batch_size), "--epochs", "2",
+               "--num-classes", str(num_classes), "-b", str(args.batch_size), "--epochs", "2",
                "--channels-last", "--workers", str(max(args.train_workers, 0)),
                "--no-prefetcher", "--device", "cuda" if torch.cuda.is_available() else "cpu",
                "--opt", "sgd", "--lr", "0.01", "--sched", "cosine", "--log-interval", "5",
@@ -145,7 +143,7 @@ def main():
         print(f"training loop fp32 channels-last (train_finetune.py, epoch 2): {loop:7.1f} img/s"
               f" = {loop / bare:.0%} of the bare model's fwd+bwd")
         if args.timm_train:
-            theirs = timm_rate(args)
+            theirs = timm_rate(args, len(classes))
             print(f"timm train.py fp32 channels-last (epoch 2): {theirs:7.1f} img/s; "
                   f"ours / timm's: {loop / theirs:.2f}x")
 
