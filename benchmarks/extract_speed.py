@@ -4,7 +4,7 @@
 
 In one run, on whatever device is here: (1) the bare backbone's forward up to the features
 (`forward_features` + pooling, no head, no data: random batches of 32 at 224 px,
-channels-last) in fp32, and under bf16 autocast where the device computes bf16 natively;
+channels-last) in fp32, and under bf16 autocast where `--extract-precision auto` picks bf16;
 (2) `train_extractor.py --epochs 0` on the image folder with its defaults and a cold feature
 cache (decode from disk, resize, forward, write the cache), its `extract_images_per_second`
 from results.json. Prints both and the ratio of (2) to the best native precision of (1).
@@ -24,7 +24,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
-from common.runtime import cpu_has_native_bf16  # noqa: E402
+from common.config import ExtractorConfig  # noqa: E402
+from common.features import extract_precision  # noqa: E402
 from machine import describe  # noqa: E402
 
 SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
@@ -57,9 +58,9 @@ def main():
     args = parser.parse_args()
     print(f"machine: {describe()}", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
     bare = {"fp32": bare_forward(device, "fp32", args.batches)}
-    if native_bf16:
+    # the extractor's own rule for --extract-precision auto: bf16 where the device has it
+    if extract_precision(ExtractorConfig(), device) == "bf16":
         bare["bf16"] = bare_forward(device, "bf16", args.batches)
     for k, v in bare.items():
         print(f"bare backbone forward, {k}: {v:.1f} img/s", flush=True)
