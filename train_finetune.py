@@ -8,11 +8,12 @@ By default: a linear probe first (--probe-epochs: the new head trained on cached
 the frozen backbone, evaluated as epoch 0), then every layer (BatchNorm statistics kept as
 pretrained: --bn-eval) for a budget of optimiser steps (--epochs auto, --budget-steps), the
 best epoch by --select-metric kept.
-Strategies: --freeze-epochs N (head only on the fly), --backbone-lr-mult F and --layer-decay D
-(lower learning rates for pretrained and earlier layers), --scheduler step|cosine|onecycle|
-constant with --warmup-epochs, --label-smoothing, --optimizer sgd|adamw with --weight-decay,
---find-lr / --lr auto, --augment, --mixup/--cutmix, --model-ema, --bn-eval, --patience,
---class-weights auto / --sampler balanced for imbalanced classes.
+Strategies: --finetune-from random (the probe only as epoch 0), --freeze-epochs N (head only
+on the fly), --backbone-lr-mult F and --layer-decay D (lower learning rates for pretrained and
+earlier layers), --scheduler step|cosine|onecycle|constant with --warmup-epochs,
+--label-smoothing, --optimizer sgd|adamw with --weight-decay, --find-lr / --lr auto, --augment,
+--mixup/--cutmix, --model-ema, --bn-eval, --patience, --class-weights auto / --sampler
+balanced for imbalanced classes.
 The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --probe-epochs 0
 --backbone-lr-mult 1 --label-smoothing 0 --no-bn-eval (SGD, momentum 0.9, StepLR 7/0.1).
 Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
@@ -52,7 +53,11 @@ def main(argv=None):
                           "the new head starts random")
         cfg = dataclasses.replace(cfg, probe_epochs=0)
     # (a resumed run has its weights; --epochs 0 evaluates the pretrained start as it is)
+    restart_heads = None
     if cfg.probe_epochs and cfg.epochs != 0 and not cfg.resume_from_checkpoint:
+        if cfg.finetune_from == "random":  # the heads as built, before the probe trains them
+            restart_heads = {k: v.detach().clone() for k, v in built.model.state_dict().items()
+                             if any(k.startswith(h + ".") for h in built.head_names)}
         probed = linear_probe(accelerator, cfg, built, train_ds, val_ds,
                               num_workers(cfg, accelerator.num_processes), channels_last,
                               weights)
@@ -70,7 +75,7 @@ def main(argv=None):
               extra_results=probed,
               mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
               if cfg.mixup or cfg.cutmix else None,
-              evaluate_start=bool(probed),
+              evaluate_start=bool(probed), restart_heads=restart_heads,
               # pretrained statistics are worth keeping; a random init's (0 and 1) are not
               bn_eval=cfg.pretrained if cfg.bn_eval is None else cfg.bn_eval)
     return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)

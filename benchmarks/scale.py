@@ -3,6 +3,7 @@ as a parquet dataset with the image bytes embedded (as Hub datasets store them).
 
     python benchmarks/scale.py                         # both scripts, 1k/10k/100k, ~1 h here
     python benchmarks/scale.py --sizes 2000,20000 --kinds parquet --scripts finetune
+    python benchmarks/scale.py --sizes 10000,100000 --warm-only   # second runs again
 
 For each size, kind and script: two runs of the same command (the first with every cache
 cold, the second reusing the image-check verdicts, the datasets cache and the features),
@@ -113,6 +114,9 @@ def main():
     parser.add_argument("--scripts", default="finetune,extractor")
     parser.add_argument("--work", default="/tmp/tl-scale", help="generated data and caches")
     parser.add_argument("--json", default="scale.json")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only the second run, on the caches an earlier run of this script "
+                             "left in --work (to re-measure the warm start after a change)")
     args = parser.parse_args()
     print(f"machine: {describe()}", flush=True)
     rows = []
@@ -126,9 +130,12 @@ def main():
             print(f"{kind} of {n} images ready ({time.time() - t0:.0f} s)", flush=True)
             for script in args.scripts.split(","):
                 cache = os.path.join(args.work, f"cache-{kind}-{n}-{script}")
-                shutil.rmtree(cache, ignore_errors=True)  # the first run: everything cold
+                if args.warm_only and not os.path.isdir(cache):
+                    raise SystemExit(f"--warm-only: no {cache}; run without it first")
+                if not args.warm_only:
+                    shutil.rmtree(cache, ignore_errors=True)  # the first run: everything cold
                 extra = ["--probe-epochs", "0"] if script == "finetune" else []
-                for attempt in ("first", "second"):
+                for attempt in ("second",) if args.warm_only else ("first", "second"):
                     r = run(script, flag, data, os.path.join(args.work, "run"), cache, extra)
                     r.update(images=n, kind=kind, script=script, run=attempt)
                     rows.append(r)

@@ -168,6 +168,10 @@ class FinetuneConfig(TrainConfig):
                             "on cached features of the frozen backbone (seconds), evaluate it "
                             "as epoch 0, then fine-tune every layer from it (0: random head)")
     probe_lr: float = opt(0.03, "learning rate of the linear probe")
+    finetune_from: str = opt("probe", "the head every layer fine-tunes from: the probe's "
+                             "(LP-FT), or a fresh random one (random: the probe's model is then "
+                             "only epoch 0's candidate, a floor at the extractor's accuracy)",
+                             choices=("probe", "random"))
     label_smoothing: float = opt(0.1, "label smoothing of the training loss (the val loss "
                                  "stays plain cross-entropy)")
     freeze_epochs: int = opt(0, "train only the new head for the first N epochs on the fly "

@@ -41,7 +41,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from common import mmap_tensors
-from common.data import ImageDataset, decode_sizes, train_order, training_transforms
+from common.data import (ImageDataset, decode_sizes, labels_of, train_order,
+                         training_transforms)
 from common.imagecheck import identity_digest
 from common.errors import UserError
 from common.models import in_heads
@@ -247,10 +248,10 @@ def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, prep
     heads = FeatureHeads([model.get_submodule(h) for h in head_names], dims)
     loader_args = dict(batch_size=cfg.batch_size, num_workers=0,
                        generator=torch.Generator().manual_seed(cfg.seed))
-    train_labels = torch.tensor(train["label"])
+    train_labels = torch.tensor(labels_of(train))
     train_loader = torch.utils.data.DataLoader(
         FeatureDataset(cached["train"], train_labels), **train_order(cfg, train_labels),
         **loader_args)
     val_loader = torch.utils.data.DataLoader(
-        FeatureDataset(cached["val"], torch.tensor(val["label"])), shuffle=False, **loader_args)
+        FeatureDataset(cached["val"], torch.tensor(labels_of(val))), shuffle=False, **loader_args)
     return heads, train_loader, val_loader, train_images, val_images, info

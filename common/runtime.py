@@ -50,6 +50,7 @@ class Run:
     extra_results: Optional[dict] = None  # e.g. the feature cache's figures
     mix: Optional[Callable] = None  # --mixup/--cutmix: (x, labels, key) -> (x, soft targets)
     evaluate_start: bool = False  # evaluate the starting model as epoch 0 (after a probe)
+    restart_heads: Optional[dict] = None  # --finetune-from random: head tensors to train from
     bn_eval: bool = False         # BatchNorm in eval mode while every layer trains
     tta: bool = False             # evaluate on each image and its mirror image (--tta)
 

@@ -222,6 +222,8 @@ class _Loop:
         if self.run.evaluate_start and cfg.epochs and state.best is None and \
                 state.epoch == 0 and state.batches_done == 0:
             val_m = self._evaluate({"epoch": 0}, time.time())  # the probe's model: a candidate
+            if self.run.restart_heads is not None:
+                self._restart_heads()
         while state.epoch < max(cfg.epochs, 1):
             stopping, val_m = self._epoch()
             if stopping:
@@ -347,6 +349,18 @@ class _Loop:
         if stopping:
             self._stop()
         return self._out_of_steps()
+
+    def _restart_heads(self):
+        """--finetune-from random: after the probe's model is evaluated (and kept as best/ if
+        nothing beats it), every layer trains from the fresh heads instead. Every process
+        holds the same fresh heads (built under the same seed), so DDP replicas stay equal;
+        no optimiser step has been taken yet, so there is no momentum to reset."""
+        module = self.run.trained  # the module under DDP/compile: its tensors are theirs
+        result = module.load_state_dict(self.run.restart_heads, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"heads not in the model: {result.unexpected_keys}")
+        if self.ema is not None:  # the average starts from the weights that train
+            self.ema = ModelEma(module, self.cfg.model_ema_decay)
 
     def _out_of_steps(self):
         return bool(self.cfg.max_train_steps) and self.state.step >= self.cfg.max_train_steps
