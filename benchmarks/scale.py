@@ -1,7 +1,7 @@
 """Start-up and memory as the data grows: 1k, 10k, 100k small JPEGs, as an image folder and
 as a parquet dataset with the image bytes embedded (as Hub datasets store them).
 
-    python benchmarks/scale.py                         # both scripts, 1k/10k/100k, ~1 h here
+    python benchmarks/scale.py                         # both scripts, 1k/10k/100k, ~40 min here
     python benchmarks/scale.py --sizes 2000,20000 --kinds parquet --scripts finetune
     python benchmarks/scale.py --sizes 10000,100000 --warm-only   # second runs again
 
