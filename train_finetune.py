@@ -28,7 +28,7 @@ from common.config import FinetuneConfig, parse_config  # noqa: E402
 from common.data import build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
 from common.engine import BatchMix, make_loss  # noqa: E402
 from common.errors import cli  # noqa: E402
-from common.models import build_model  # noqa: E402
+from common.models import build_model, in_heads  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
 from common.probe import linear_probe  # noqa: E402
 from common.runtime import Run, setup_run, use_channels_last  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None):
     if cfg.probe_epochs and cfg.epochs != 0 and not cfg.resume_from_checkpoint:
         if cfg.finetune_from == "random":  # the heads as built, before the probe trains them
             restart_heads = {k: v.detach().clone() for k, v in built.model.state_dict().items()
-                             if any(k.startswith(h + ".") for h in built.head_names)}
+                             if in_heads(k, built.head_names)}
         probed = linear_probe(accelerator, cfg, built, train_ds, val_ds,
                               num_workers(cfg, accelerator.num_processes), channels_last,
                               weights)
