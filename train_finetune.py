@@ -4,18 +4,19 @@ Runs on CPU, one GPU, several GPUs or machines, in fp32/bf16/fp16, through Accel
     accelerate launch --config_file accelerate_configs/cpu.yaml train_finetune.py --data-dir DIR
     accelerate launch --config_file accelerate_configs/multi_gpu_bf16.yaml train_finetune.py \\
         --data-dir DIR --model timm:convnext_tiny
-By default: a linear probe first (--probe-epochs: the new head trained on cached features of
-the frozen backbone, evaluated as epoch 0), then every layer (BatchNorm statistics kept as
-pretrained: --bn-eval) for a budget of optimiser steps (--epochs auto, --budget-steps), the
-best epoch by --select-metric kept.
-Strategies: --finetune-from random (the probe only as epoch 0), --freeze-epochs N (head only
-on the fly), --backbone-lr-mult F and --layer-decay D (lower learning rates for pretrained and
-earlier layers), --scheduler step|cosine|onecycle|constant with --warmup-epochs,
+By default: a linear probe first (--probe-epochs: a new head trained on cached features of the
+frozen backbone, evaluated as epoch 0: the extractor's accuracy as a floor), then every layer
+from a fresh head at one learning rate, BatchNorm statistics updated, for a budget of optimiser
+steps (--epochs auto, --budget-steps), annealed to the end; the best epoch by --select-metric
+(epoch 0 included) is kept.
+Strategies: --finetune-from probe (LP-FT: every layer from the probe's head), --freeze-epochs N
+(head only on the fly), --backbone-lr-mult F and --layer-decay D (lower learning rates for
+pretrained and earlier layers), --scheduler step|cosine|onecycle|constant with --warmup-epochs,
 --label-smoothing, --optimizer sgd|adamw with --weight-decay, --find-lr / --lr auto, --augment,
 --mixup/--cutmix, --model-ema, --bn-eval, --patience, --class-weights auto / --sampler
 balanced for imbalanced classes.
 The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --probe-epochs 0
---backbone-lr-mult 1 --label-smoothing 0 --no-bn-eval (SGD, momentum 0.9, StepLR 7/0.1).
+(SGD, momentum 0.9, StepLR 7/0.1).
 Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 """
 
@@ -75,9 +76,7 @@ def main(argv=None):
               extra_results=probed,
               mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
               if cfg.mixup or cfg.cutmix else None,
-              evaluate_start=bool(probed), restart_heads=restart_heads,
-              # pretrained statistics are worth keeping; a random init's (0 and 1) are not
-              bn_eval=cfg.pretrained if cfg.bn_eval is None else cfg.bn_eval)
+              evaluate_start=bool(probed), restart_heads=restart_heads, bn_eval=cfg.bn_eval)
     return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)
 
 

@@ -16,8 +16,8 @@ Recipes (NAME=SCRIPT:FLAGS adds one; see RECIPES below):
 - finetune, extractor: each script's defaults
 - tutorial-finetune, tutorial-extractor: the PyTorch tutorial's recipe (batch 4, SGD 1e-3,
   StepLR 7/0.1, 25 epochs; the extractor runs the backbone on every image every epoch)
-- finetune-bn-train: the fine-tune defaults with BatchNorm statistics updated while every
-  layer trains (the defaults until --bn-eval became one)
+- lpft: the fine-tune defaults until 2026-11-29 (LP-FT: every layer from the probe's head,
+  backbone at 0.1x, BatchNorm statistics kept, label smoothing 0.1, --patience 5)
 - previous-finetune: the fine-tune defaults before the suite (ddb529f: 1 head-only + 3 epochs)
 - plain: every layer from a random head, lr 0.01, cosine, 10 epochs
 - plain-matched: the same, with as many epochs as fit in the finetune defaults' wall time on
@@ -54,7 +54,8 @@ RECIPES = {
     "tutorial-extractor": ("extractor", "--batch-size 4 --lr 0.001 --scheduler step "
                            "--step-size 7 --gamma 0.1 --epochs 25 --no-cache-features "
                            "--feature-views 25"),
-    "finetune-bn-train": ("finetune", "--no-bn-eval"),
+    "lpft": ("finetune", "--finetune-from probe --backbone-lr-mult 0.1 --bn-eval "
+                         "--label-smoothing 0.1 --patience 5"),
     "previous-finetune": ("finetune", "--epochs 4 --freeze-epochs 1 --probe-epochs 0 "
                           "--backbone-lr-mult 0.1 --label-smoothing 0.1 --lr 0.01 --patience 0 "
                           "--no-bn-eval"),

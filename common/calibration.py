@@ -28,7 +28,7 @@ def fit_temperature(logits, labels, steps=100, low=0.1, high=10.0):
         return loss
 
     opt.step(closure)
-    return min(max(float(log_t.exp()), low), high)
+    return min(max(float(log_t.detach().exp()), low), high)
 
 
 def expected_calibration_error(logits, labels, temperature=1.0, bins=15):

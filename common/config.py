@@ -157,35 +157,29 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     """train_finetune.py: a linear probe first (the new head trained on cached features of the
-    frozen backbone, as train_extractor.py does), then every layer. Defaults chosen on five
-    datasets (benchmarks/README.md)."""
+    frozen backbone, as train_extractor.py does) evaluated as epoch 0, then every layer from a
+    fresh head. Defaults chosen on five datasets (benchmarks/README.md)."""
 
     epochs: object = opt("auto", "fine-tuning epochs (0: only evaluate; auto: enough for "
                          "--budget-steps optimiser steps)", parse=int_or_auto)
     budget_steps: int = opt(150, "--epochs auto: fine-tune for at least this many optimiser "
                             "steps (a few hundred images get more epochs than thousands)")
-    probe_epochs: int = opt(10, "linear probe first (LP-FT): train the new head for N epochs "
-                            "on cached features of the frozen backbone (seconds), evaluate it "
-                            "as epoch 0, then fine-tune every layer from it (0: random head)")
+    probe_epochs: int = opt(10, "linear probe first: train the new head for N epochs on cached "
+                            "features of the frozen backbone (seconds) and evaluate it as epoch "
+                            "0, the extractor's accuracy as a floor (0: no probe)")
     probe_lr: float = opt(0.03, "learning rate of the linear probe")
-    finetune_from: str = opt("probe", "the head every layer fine-tunes from: the probe's "
-                             "(LP-FT), or a fresh random one (random: the probe's model is then "
-                             "only epoch 0's candidate, a floor at the extractor's accuracy)",
+    finetune_from: str = opt("random", "the head every layer fine-tunes from: a fresh random "
+                             "one (the probe's model then stays epoch 0's candidate, a floor at "
+                             "the extractor's accuracy), or the probe's (probe: LP-FT)",
                              choices=("probe", "random"))
-    label_smoothing: float = opt(0.1, "label smoothing of the training loss (the val loss "
-                                 "stays plain cross-entropy)")
     freeze_epochs: int = opt(0, "train only the new head for the first N epochs on the fly "
                              "(backbone frozen, BatchNorm statistics included), then every layer")
-    backbone_lr_mult: float = opt(0.1, "backbone learning rate = head lr x this")
+    backbone_lr_mult: float = opt(1.0, "backbone learning rate = head lr x this")
     layer_decay: Optional[float] = opt(None, "layer-wise lr decay D (timm-style): a backbone "
                                        "layer k below the top learns at lr x mult x D^k")
-    bn_eval: Optional[bool] = opt(None, "keep BatchNorm layers in eval mode (running "
-                                  "statistics as pretrained, as the linear probe saw them) "
-                                  "while every layer trains; --no-bn-eval updates them from "
-                                  "the training batches. Default: on with pretrained weights, "
-                                  "off with --no-pretrained")
-    patience: int = opt(5, "stop after N evaluations without a better --select-metric "
-                        "(0: never); the best model (the probe's, as epoch 0, included) is kept")
+    bn_eval: bool = opt(False, "keep BatchNorm layers in eval mode (running statistics as "
+                        "pretrained, as the linear probe saw them) while every layer trains; "
+                        "off: they update from the training batches")
 
 
 @dataclass

@@ -11,6 +11,11 @@ import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n auto` (setup.cfg): one pytest worker per core, so each computes on one thread, as
+    # the scripts they launch do (OMP_NUM_THREADS=1 below); more threads than cores would make
+    # the workers' OpenMP threads spin against each other
+    torch.set_num_threads(1)
 CONFIGS = os.path.join(REPO, "accelerate_configs")
 
 

@@ -194,8 +194,8 @@ def test_lr_auto_trains_as_if_given_the_suggested_lr(image_folder, tiny_weights,
     assert rows(given)[0]["train_loss"] == pytest.approx(rows(auto)[0]["train_loss"], rel=1e-6)
 
 
-def test_linear_probe_starts_the_fine_tune_where_the_extractor_ends(image_folder, tiny_weights,
-                                                                  tmp_path, offline_env):
+def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tiny_weights,
+                                                               tmp_path, offline_env):
     """The probe is the extractor's default recipe on the same cached features: the fine-tune's
     epoch 0 is the extractor's best model, so the fine-tune can only keep or improve on it."""
     common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
@@ -218,7 +218,7 @@ def test_linear_probe_starts_the_fine_tune_where_the_extractor_ends(image_folder
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_finetune_from_random_keeps_the_probe_as_epoch_0_then_trains_as_without_it(
         nproc, image_folder, tiny_weights, tmp_path, offline_env):
-    """--finetune-from random: epoch 0 is the probe's model (as by default), then every layer
+    """--finetune-from random (the default): epoch 0 is the probe's model, then every layer
     trains from the heads as built: bit for bit the run without a probe, on every process."""
     common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
               "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
