@@ -13,6 +13,7 @@ steps. With --ops, torch.profiler's top operators over steps 6.. of both, side b
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,11 @@ from common.optim import build_optimizer  # noqa: E402
 WARM = 5  # steps left out of every median: oneDNN primitives and the allocator warm up
 
 
+def _faults():
+    """Minor page faults of this process so far: fresh pages the allocator asked the OS for."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _ops_table(prof, n=12):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=n)
 
@@ -43,14 +49,15 @@ def loop_steps(args):
 
     def timed(accelerator, model, optimizer, batch, run, key=(0, 0, 0)):
         nonlocal prof
-        t0 = time.perf_counter()
+        t0, f0 = time.perf_counter(), _faults()
         if args.ops and len(rows) == WARM:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
         out = orig(accelerator, model, optimizer, batch, run, key)
         t1 = time.perf_counter()
         # the time since the last step ended: the batch's loading plus the loop's own work
-        rows.append((t0 - last_end[0] if last_end[0] else float("nan"), t1 - t0))
+        rows.append((t0 - last_end[0] if last_end[0] else float("nan"), t1 - t0,
+                     _faults() - f0))
         last_end[0] = t1
         if prof is not None and len(rows) == args.steps:
             prof.__exit__(None, None, None)  # the steps only, not the evaluation after them
@@ -75,19 +82,20 @@ def bare_steps(args, num_classes):
     opt = build_optimizer(FinetuneConfig(), model, ("classifier",))
     x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (32,))
-    times, prof = [], None
+    times, faults, prof = [], [], None
     for i in range(args.steps):
         if args.ops and i == WARM:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
-        t0 = time.perf_counter()
+        t0, f0 = time.perf_counter(), _faults()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        faults.append(_faults() - f0)
     if prof is not None:
         prof.__exit__(None, None, None)
-    return times, prof
+    return times, faults, prof
 
 
 def main():
@@ -103,7 +111,7 @@ def main():
     print(f"machine: {describe()}", flush=True)
     num_classes = len(os.listdir(os.path.join(args.data_dir, "train")))
     rows, loop_prof = loop_steps(args)
-    bare, bare_prof = bare_steps(args, num_classes)
+    bare, bare_faults, bare_prof = bare_steps(args, num_classes)
     med = lambda v: statistics.median(v[WARM:])  # noqa: E731
     wait, step = med([r[0] for r in rows]), med([r[1] for r in rows])
     print(f"steps {len(rows)} (median over steps {WARM + 1}..)")
@@ -111,6 +119,8 @@ def main():
           f"together {32 / (wait + step):.1f} img/s")
     print(f"bare step (random batch, same model and optimiser): {med(bare):.3f} s, "
           f"{32 / med(bare):.1f} img/s")
+    print(f"minor page faults per step: train_step {med([r[2] for r in rows]):.0f}, "
+          f"bare step {med(bare_faults):.0f}")
     print(f"ratios: train_step / bare {step / med(bare):.2f}; "
           f"loop / bare {(wait + step) / med(bare):.2f}")
     if args.ops:
