@@ -2,9 +2,9 @@
 
 Runs `train_finetune.py` in this process (no pretrained weights, no probe, 0 loader workers,
 1 process, --max-train-steps N) with `common.engine.train_step` wrapped in a timer, so each
-step splits into: waiting for the batch (decode + augment + collate on this process), the
-step itself (forward, loss, backward, optimiser), and the rest of the loop (metric sums,
-logging). Then, in the same process, the bare step (timm model, random channels-last batch,
+step splits into: the time since the last step (loading the batch on this process, plus the
+loop's own work: metric sums, logging) and the step itself (forward, loss, backward,
+optimiser), with the minor page faults the step took. Then, in the same process, the bare step (timm model, random channels-last batch,
 cross-entropy, our build_optimizer: benchmarks/step_vs_timm.py's variant D) for as many
 steps. With --ops, torch.profiler's top operators over steps 6.. of both, side by side.
 
@@ -42,7 +42,8 @@ def _ops_table(prof, n=12):
 
 
 def loop_steps(args):
-    """Per-step (batch wait, step, rest) seconds of the real loop."""
+    """Per step of the real loop: (seconds since the last step, seconds of the step, its minor
+    page faults), and the profiler of steps WARM+1.. (with --ops)."""
     rows, prof = [], None
     orig = engine.train_step
     last_end = [None]
