@@ -246,6 +246,9 @@ def _read_yaml(parser, path, cls):
         if name not in known:
             parser.error(f"--config {path}: unknown option '{key}'")
         t = _field_type(known[name])
+        if value is None and t is known[name].type:  # not Optional: null is no value of it
+            # (a config.yaml from before --bn-eval became a plain bool holds `bn_eval: null`)
+            parser.error(f"--config {path}: '{key}' should be {t.__name__}, got null")
         parse = known[name].metadata.get("parse", t)
         if value is not None and t is not bool and (parse is not t or not isinstance(value, t)):
             try:

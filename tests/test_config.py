@@ -47,6 +47,15 @@ def test_unknown_key_in_config_file_is_named(tmp_path, capsys):
     assert "unknown option 'batchsize'" in capsys.readouterr().err
 
 
+def test_null_for_a_plain_bool_in_a_config_file_is_refused(tmp_path, capsys):
+    # config.yaml files written before --bn-eval became a plain bool hold `bn_eval: null`
+    # (then: on with pretrained weights); reading it as off would silently change the recipe
+    (tmp_path / "c.yaml").write_text("bn_eval: null\nlayer_decay: null\n")
+    with pytest.raises(SystemExit):
+        parse_config(FinetuneConfig, "", ["--config", str(tmp_path / "c.yaml")])
+    assert "'bn_eval' should be bool, got null" in capsys.readouterr().err
+
+
 def test_tutorial_step_schedule_decays_every_7_epochs():
     cfg = FinetuneConfig(scheduler="step", lr=1e-3, epochs=25)
     per_epoch = [lr_factor(cfg, e * 61, 61) for e in range(25)]  # batch 4: 61 steps/epoch
