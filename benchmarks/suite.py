@@ -92,7 +92,10 @@ def run_one(script, flags, data, seed, model_args, workdir, threads):
                 script_seconds=res["wall_seconds"], stopped_early=res.get(
                     "stopped_early_after_epoch"),
                 mean_epoch_seconds=sum(epoch_seconds) / max(len(epoch_seconds), 1),
-                flags=flags)
+                # per epoch (0: the probe): what --patience N would have kept and saved is
+                # read off these, the schedule not depending on it
+                val_accuracy_by_epoch=[r["val_accuracy"] for r in rows],
+                seconds_by_epoch=[round(r["seconds"], 1) for r in rows], flags=flags)
 
 
 def summarise(results, sets, recipes):

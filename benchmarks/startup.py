@@ -1,0 +1,118 @@
+"""Start-up: what the scripts import, and the seconds from process start to the first step.
+
+    python benchmarks/startup.py                       # both scripts, hotdog, 3 runs each
+    python benchmarks/startup.py --runs 5 --data-dir ../shared/data/hymenoptera_data
+
+1. `python -X importtime SCRIPT --help` (every import at the top of the script, then argparse
+   exits): the total and the heaviest top-level packages, and whether any module that should
+   wait until it is used (wandb, evaluate, scipy, matplotlib, sklearn, pandas) was imported.
+2. Seconds from process start to the first optimiser step, with and without `accelerate
+   launch`: the process's start to the script's first line (measured with a one-line script
+   that prints the time, the same launcher and interpreter) plus results.json's
+   `first_step_seconds` (the script's first line to the end of its first optimiser step).
+   Runs: `train_finetune.py --probe-epochs 0` (the probe is training, not start-up) and
+   `train_extractor.py` with a warm feature cache (its first run extracts: that is the data's
+   cost, reported by extract_speed.py), each `--max-train-steps 1 --epochs 1`, median of
+   --runs. Quiet machine, one process at a time.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from machine import describe  # noqa: E402
+
+SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
+LAZY = ("wandb", "evaluate", "scipy", "matplotlib", "sklearn", "pandas")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+
+
+def top_level(script):
+    proc = subprocess.run([sys.executable, "-X", "importtime", script, "--help"],
+                          capture_output=True, text=True, env=ENV, cwd=REPO)
+    top, loaded = {}, set()
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "imported package" in line:
+            continue
+        cum_us, name = line.split("|")[1:3]
+        pkg = name.strip().split(".")[0]
+        if pkg in LAZY:
+            loaded.add(pkg)
+        if not name[1:].startswith(" "):  # nested imports are indented under their importer
+            top[pkg] = top.get(pkg, 0) + int(cum_us)
+    return top, loaded
+
+
+def launcher(*, launch):
+    """Process start to a script's first line, under the same launcher and interpreter."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write("import time; print(time.time())\n")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+           "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"), fh.name] \
+        if launch else [sys.executable, fh.name]
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=True).stdout
+    os.unlink(fh.name)
+    return float(out.strip().splitlines()[-1]) - t0
+
+
+def first_step(script, data, out, cache, *, launch):
+    flags = ["--data-dir", data, "--output-dir", out, "--feature-cache-dir", cache,
+             "--report-to", "none", "--epochs", "1", "--max-train-steps", "1",
+             "--checkpointing-steps", "no", "--overwrite-output-dir"]
+    if script == "finetune":
+        flags += ["--probe-epochs", "0"]
+    path = os.path.join(REPO, f"train_{script}.py")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+           "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"), path] \
+        if launch else [sys.executable, path]
+    proc = subprocess.run(cmd + flags, capture_output=True, text=True, env=ENV)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd + flags)}\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "results.json")) as fh:
+        return json.load(fh)["first_step_seconds"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.path.join(SHARED, "data", "hotdog"))
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args()
+    print(f"machine: {describe()}", flush=True)
+    for script in ("train_finetune.py", "train_extractor.py"):
+        top, loaded = top_level(script)
+        heavy = sorted(top.items(), key=lambda kv: -kv[1])[:6]
+        print(f"{script} imports: {sum(top.values()) / 1e6:.2f} s; heaviest: "
+              + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in heavy)
+              + "; imported before use: "
+              + (", ".join(sorted(loaded)) or "none of " + ", ".join(LAZY)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for launch in (False, True):
+            how = "accelerate launch" if launch else "python"
+            gap = statistics.median(launcher(launch=launch) for _ in range(args.runs))
+            print(f"{how}: process start to the script's first line {gap:.2f} s", flush=True)
+            for script in ("finetune", "extractor"):
+                cache = os.path.join(tmp, f"cache-{script}")
+                if script == "extractor":  # warm the feature cache: extraction is not start-up
+                    first_step(script, args.data_dir, os.path.join(tmp, "warm"), cache,
+                               launch=launch)
+                steps = [first_step(script, args.data_dir, os.path.join(tmp, f"r{i}"), cache,
+                                    launch=launch) for i in range(args.runs)]
+                s = statistics.median(steps)
+                print(f"{how} train_{script}.py: first line to first step {s:.2f} s "
+                      f"(min {min(steps):.2f}, max {max(steps):.2f}); process start to first "
+                      f"step {gap + s:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
