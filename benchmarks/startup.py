@@ -4,7 +4,7 @@
     python benchmarks/startup.py --runs 5 --data-dir ../shared/data/hymenoptera_data
 
 1. `python -X importtime SCRIPT --help` (every import at the top of the script, then argparse
-   exits): the total and the heaviest top-level packages, and whether any module that should
+   exits): the total and the packages that take longest (their modules' own time), and whether any module that should
    wait until it is used (wandb, evaluate, scipy, matplotlib, sklearn, pandas) was imported.
 2. Seconds from process start to the first optimiser step, with and without `accelerate
    launch`: the process's start to the script's first line (measured with a one-line script
@@ -36,20 +36,22 @@ LAZY = ("wandb", "evaluate", "scipy", "matplotlib", "sklearn", "pandas")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
 
 
-def top_level(script):
+def import_seconds(script):
+    """Seconds of import per root package (each module's own time, summed over every
+    nesting: torch's modules count for torch whoever imported them), and which of LAZY
+    were imported."""
     proc = subprocess.run([sys.executable, "-X", "importtime", script, "--help"],
                           capture_output=True, text=True, env=ENV, cwd=REPO)
-    top, loaded = {}, set()
+    per_root, loaded = {}, set()
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "imported package" in line:
             continue
-        cum_us, name = line.split("|")[1:3]
-        pkg = name.strip().split(".")[0]
-        if pkg in LAZY:
-            loaded.add(pkg)
-        if not name[1:].startswith(" "):  # nested imports are indented under their importer
-            top[pkg] = top.get(pkg, 0) + int(cum_us)
-    return top, loaded
+        self_us, _, name = line[len("import time:"):].split("|")
+        root = name.strip().split(".")[0]
+        per_root[root] = per_root.get(root, 0) + int(self_us)
+        if root in LAZY:
+            loaded.add(root)
+    return per_root, loaded
 
 
 def launcher(*, launch):
@@ -90,8 +92,8 @@ def main():
     args = p.parse_args()
     print(f"machine: {describe()}", flush=True)
     for script in ("train_finetune.py", "train_extractor.py"):
-        top, loaded = top_level(script)
-        heavy = sorted(top.items(), key=lambda kv: -kv[1])[:6]
+        top, loaded = import_seconds(script)
+        heavy = sorted(top.items(), key=lambda kv: -kv[1])[:8]
         print(f"{script} imports: {sum(top.values()) / 1e6:.2f} s; heaviest: "
               + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in heavy)
               + "; imported before use: "
