@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from common.errors import UserError
 from common.export import cpu_state_dict
 from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
+from common.runtime import bare_model
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -135,7 +136,7 @@ def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limi
     accelerator.wait_for_everyone()
     write_json(os.path.join(tmp, f"rng-{accelerator.process_index}.json"), _rng_state())
     if accelerator.is_main_process:
-        save_file(cpu_state_dict(accelerator.unwrap_model(model)),
+        save_file(cpu_state_dict(bare_model(accelerator, model)),
                   os.path.join(tmp, "model.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         for name, extra_state in (extra or {}).items():
@@ -297,7 +298,7 @@ def apply_checkpoint(accelerator, ckpt, model, optimizer):
     """Load the parsed tensors into the (prepared) model and optimiser, and the scaler. The
     gradient-accumulation counter restarts: checkpoints are only taken right after an
     optimiser step."""
-    accelerator.unwrap_model(model).load_state_dict(ckpt.model)
+    bare_model(accelerator, model).load_state_dict(ckpt.model)
     optimizer.load_state_dict(ckpt.optimizer)
     if accelerator.scaler is not None and ckpt.scaler:
         accelerator.scaler.load_state_dict(ckpt.scaler)

@@ -27,12 +27,13 @@ from common.engine import train_step
 from common.errors import UserError
 from common.models import set_train_mode
 from common.optim import set_peak_lr
+from common.runtime import bare_model
 
 START_LR, END_LR, BETA, DIVERGE = 1e-7, 10.0, 0.98, 4.0
 
 
 def _snapshot(accelerator, model, optimizer):
-    module = accelerator.unwrap_model(model)
+    module = bare_model(accelerator, model)
     return dict(model={k: v.detach().clone() for k, v in module.state_dict().items()},
                 optimizer=copy.deepcopy(optimizer.state_dict()),
                 scaler=copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler
@@ -42,7 +43,7 @@ def _snapshot(accelerator, model, optimizer):
 
 
 def _restore(accelerator, model, optimizer, saved):
-    accelerator.unwrap_model(model).load_state_dict(saved["model"])  # copies in place
+    bare_model(accelerator, model).load_state_dict(saved["model"])  # copies in place
     optimizer.load_state_dict(saved["optimizer"])
     optimizer.zero_grad(set_to_none=True)
     if saved["scaler"] is not None:
@@ -65,7 +66,7 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen)
     the other groups scale with it). Writes lr_find.json and lr_find.png."""
     steps = cfg.find_lr_steps
     saved = _snapshot(accelerator, model, optimizer)
-    set_train_mode(accelerator.unwrap_model(model), run.head_names, frozen, run.bn_eval)
+    set_train_mode(bare_model(accelerator, model), run.head_names, frozen, run.bn_eval)
     lrs, raw, smoothed = [], [], []
     avg, window, epoch = 0.0, [], 0
     while len(lrs) < steps:

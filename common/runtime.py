@@ -233,6 +233,14 @@ def seed_for_training(accelerator, seed):
     set_seed(seed, device_specific=True)
 
 
+def bare_model(accelerator, model):
+    """The module that holds the weights, with DDP and torch.compile's wrapper taken off.
+    Not accelerator.unwrap_model's default: since accelerate 1.3 that can keep the compile
+    wrapper (state_dict keys '_orig_mod.*': an export nothing else can load), and to keep it
+    sets the wrapper's _orig_mod to the module without DDP."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def rewrap_ddp(accelerator, model):
     """Build DDP again around the same module, after parameters were frozen or unfrozen.
 

@@ -41,7 +41,7 @@ from common.lr_finder import find_lr
 from common.metrics import load_metrics, score, wilson_interval
 from common.models import freeze_backbone, set_train_mode
 from common.optim import build_scheduler, group_lrs, position_scheduler, set_peak_lr
-from common.runtime import rewrap_ddp, seed_for_training
+from common.runtime import bare_model, rewrap_ddp, seed_for_training
 from common.tracking import log_metrics, log_pictures, set_summary, start_run, tracker_run_id
 from common.viz import (augmentation_preview_png, confusion_matrix_png, prediction_grid_png,
                         top_losses_png)
@@ -80,7 +80,7 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
         cfg = dataclasses.replace(cfg, epochs=max(1, math.ceil(cfg.budget_steps /
                                                                steps_per_epoch)))
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    ema = ModelEma(accelerator.unwrap_model(model), cfg.model_ema_decay) if cfg.model_ema \
+    ema = ModelEma(bare_model(accelerator, model), cfg.model_ema_decay) if cfg.model_ema \
         else None
     if ckpt:
         _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, len(train_loader),
@@ -117,7 +117,7 @@ def _read_resume(cfg, output_dir):
 def _set_phase(accelerator, model, run, frozen):
     """Freeze or unfreeze the backbone of the prepared `model` (DDP is built again so that it
     registers exactly the trainable parameters)."""
-    freeze_backbone(accelerator.unwrap_model(model), run.head_names, frozen)
+    freeze_backbone(bare_model(accelerator, model), run.head_names, frozen)
     return rewrap_ddp(accelerator, model)
 
 
@@ -313,7 +313,7 @@ class _Loop:
         if frozen != self.frozen:
             self.model = _set_phase(self.accelerator, self.model, self.run, frozen)
             self.frozen = frozen
-        set_train_mode(self.accelerator.unwrap_model(self.model), self.run.head_names, frozen,
+        set_train_mode(bare_model(self.accelerator, self.model), self.run.head_names, frozen,
                        self.run.bn_eval)
         if self.run.freeze_epochs:
             self.accelerator.print(f"epoch {self.state.epoch + 1}: " + (
@@ -328,7 +328,7 @@ class _Loop:
         if self.first_step_seconds is None:  # start-up cost, from the script's first line
             self.first_step_seconds = round(time.time() - self.run.started, 2)
         if self.ema is not None and not self.accelerator.optimizer_step_was_skipped:
-            self.ema.update(self.accelerator.unwrap_model(self.model))
+            self.ema.update(bare_model(self.accelerator, self.model))
         every = cfg.checkpointing_steps
         due = every.isdigit() and state.step % int(every) == 0
         if state.step % cfg.log_every and not due:
@@ -385,7 +385,7 @@ class _Loop:
                       "predictions": val_m["predictions"]}
         if accelerator.is_main_process:
             module = self.ema.module if source == "ema" else \
-                accelerator.unwrap_model(self.model)
+                bare_model(accelerator, self.model)
             export_model(self._export_state(module), os.path.join(self.output_dir, "best"),
                          dict(model=self.cfg.model, class_names=self.run.class_names,
                               heads=list(self.run.model_heads),

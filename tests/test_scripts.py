@@ -1,5 +1,6 @@
 """Both entry scripts, launched as users launch them, on a tiny generated image folder."""
 
+import csv
 import glob
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, make_image_folder
+from conftest import launch, make_image_folder, run_script
 
 TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0"]
 RESULT_KEYS = {"best_val_accuracy", "best_epoch", "epochs", "train_samples", "val_samples",
@@ -200,3 +201,26 @@ def test_gradient_accumulation_counts_optimiser_steps(image_folder, tmp_path, of
     # 18 images / batch 4 = 5 micro-batches -> 3 optimiser steps (the last one partial)
     assert res["steps_per_epoch"] == 3 and res["global_batch_size"] == 8
     assert "global batch 8, 3 optimiser steps/epoch" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["train_finetune.py", "train_extractor.py"])
+def test_compile_trains_and_exports_weights_predict_can_load(script, image_folder,
+                                                            tiny_weights, tmp_path,
+                                                            offline_env):
+    """--compile: best/ holds the model's own weights (accelerate's unwrap_model would keep
+    torch.compile's wrapper: '_orig_mod.' keys, and the extractor's export failed on them),
+    and predict.py reproduces the run's val accuracy from them."""
+    out = tmp_path / "run"
+    extra = ["--probe-epochs", "0"] if "finetune" in script else []
+    launch(script, ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs",
+                    "1", *extra, "--compile", "--output-dir", out, "--report-to", "none"],
+           offline_env)
+    keys = load_file(out / "best" / "model.safetensors").keys()
+    assert keys and not [k for k in keys if k.startswith("_orig_mod")]
+    preds = tmp_path / "preds.csv"
+    proc = run_script("predict.py", [out, os.path.join(image_folder, "val"), "--output", preds],
+                      offline_env)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(preds)))
+    correct = sum(r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+    assert len(rows) == 9 and correct / 9 == pytest.approx(read_results(out)["best_val_accuracy"])
