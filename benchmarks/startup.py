@@ -4,8 +4,9 @@
     python benchmarks/startup.py --runs 5 --data-dir ../shared/data/hymenoptera_data
 
 1. `python -X importtime SCRIPT --help` (every import at the top of the script, then argparse
-   exits): the total and the packages that take longest (their modules' own time), and whether any module that should
-   wait until it is used (wandb, evaluate, scipy, matplotlib, sklearn, pandas) was imported.
+   exits): the total, the packages that take longest (their modules' own time), and whether
+   any module that should wait until it is used (wandb, evaluate, scipy, matplotlib, sklearn,
+   pandas) was imported.
 2. Seconds from process start to the first optimiser step, with and without `accelerate
    launch`: the process's start to the script's first line (measured with a one-line script
    that prints the time, the same launcher and interpreter) plus results.json's
@@ -54,13 +55,19 @@ def import_seconds(script):
     return per_root, loaded
 
 
+def _command(path, launch):
+    """`accelerate launch` with the one-process CPU config, or the bare interpreter."""
+    if not launch:
+        return [sys.executable, path]
+    return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
+            "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"), path]
+
+
 def launcher(*, launch):
     """Process start to a script's first line, under the same launcher and interpreter."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
         fh.write("import time; print(time.time())\n")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
-           "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"), fh.name] \
-        if launch else [sys.executable, fh.name]
+    cmd = _command(fh.name, launch)
     t0 = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=True).stdout
     os.unlink(fh.name)
@@ -73,10 +80,7 @@ def first_step(script, data, out, cache, *, launch):
              "--checkpointing-steps", "no", "--overwrite-output-dir"]
     if script == "finetune":
         flags += ["--probe-epochs", "0"]
-    path = os.path.join(REPO, f"train_{script}.py")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
-           "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"), path] \
-        if launch else [sys.executable, path]
+    cmd = _command(os.path.join(REPO, f"train_{script}.py"), launch)
     proc = subprocess.run(cmd + flags, capture_output=True, text=True, env=ENV)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd + flags)}\n{proc.stderr[-3000:]}")
