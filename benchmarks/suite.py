@@ -20,8 +20,9 @@ Recipes (NAME=SCRIPT:FLAGS adds one; see RECIPES below):
   backbone at 0.1x, BatchNorm statistics kept, label smoothing 0.1, --patience 5)
 - previous-finetune: the fine-tune defaults before the suite (ddb529f: 1 head-only + 3 epochs)
 - plain: every layer from a random head, lr 0.01, cosine, 10 epochs
-- plain-matched: the same, with as many epochs as fit in the finetune defaults' wall time on
-  that set and seed (needs finetune in the same run, earlier in --recipes)
+- plain-matched: the same, given the finetune defaults' wall time on that set and seed: their
+  epochs plus as many as their probe and its evaluation took (needs finetune in the same run,
+  earlier in --recipes)
 """
 
 import argparse
@@ -86,12 +87,17 @@ def run_one(script, flags, data, seed, model_args, workdir, threads):
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     epoch_seconds = [r["seconds"] for r in rows if r["epoch"] > 0]
+    # what the run spent before its first training epoch that a run without a probe does not:
+    # the probe (extraction included) and its evaluation as epoch 0
+    start_seconds = res.get("probe_seconds", 0.0) + sum(r["seconds"] for r in rows
+                                                        if r["epoch"] == 0)
     return dict(best_val_accuracy=res["best_val_accuracy"], best_epoch=res["best_epoch"],
                 epochs=res["epochs"], val_samples=res["val_samples"],
                 train_samples=res["train_samples"], process_seconds=round(wall, 1),
                 script_seconds=res["wall_seconds"], stopped_early=res.get(
                     "stopped_early_after_epoch"),
                 mean_epoch_seconds=sum(epoch_seconds) / max(len(epoch_seconds), 1),
+                start_seconds=round(start_seconds, 1),
                 # per epoch (0: the probe): what --patience N would have kept and saved is
                 # read off these, the schedule not depending on it
                 val_accuracy_by_epoch=[r["val_accuracy"] for r in rows],
@@ -164,7 +170,10 @@ def main():
             for seed in seeds[len(done):]:
                 if recipe == "plain-matched":
                     ref = results[name]["finetune"][seeds.index(seed)]
-                    epochs = max(1, round(ref["process_seconds"] / ref["mean_epoch_seconds"]))
+                    # the same wall time: the defaults' epochs plus as many as their probe
+                    # took (start-up and export are paid by both runs alike)
+                    epochs = ref["epochs"] + round(ref["start_seconds"]
+                                                   / ref["mean_epoch_seconds"])
                     flags = f"{RECIPES[recipe][1]} --epochs {epochs}"
                 r = run_one(script, flags, data, seed, args.model_args.split(), workdir,
                             args.threads)
