@@ -3,14 +3,15 @@
     python benchmarks/suite.py                                  # defaults + baselines, 5 sets
     python benchmarks/suite.py --recipes finetune,plain --seeds 0,1 --data ../shared/data/hotdog
     python benchmarks/suite.py --recipe "ema=finetune:--model-ema" --recipes finetune,ema
+    python benchmarks/suite.py --accelerate-config accelerate_configs/single_gpu.yaml  # a GPU
 
 Each run is `accelerate launch --config_file accelerate_configs/cpu.yaml train_<script>.py
---data-dir SET --seed S --report-to none` plus the recipe's flags, in a fresh process, one at
-a time, with a cold feature cache of its own (so no run is faster for another's work). The
-table gives, per set and recipe: best val accuracy (mean over seeds, and min-max), its 95%
-Wilson interval on that set's val images (how much one set can tell), the best epoch, and
-the process wall time; then each recipe's mean and worst case over the sets. Results of every
-run go to --json.
+--data-dir SET --seed S --report-to none` (another config with --accelerate-config) plus the
+recipe's flags, in a fresh process, one at a time, with a cold feature cache of its own (so
+no run is faster for another's work). The table gives, per set and recipe: best val accuracy
+(mean over seeds, and min-max), its 95% Wilson interval on that set's val images (how much one
+set can tell), the best epoch, and the process wall time; then each recipe's mean and worst
+case over the sets. Results of every run go to --json, which a later invocation resumes.
 
 Recipes (NAME=SCRIPT:FLAGS adds one; see RECIPES below):
 - finetune, extractor: each script's defaults
@@ -65,12 +66,12 @@ RECIPES = {
 }
 
 
-def run_one(script, flags, data, seed, model_args, workdir, threads):
+def run_one(script, flags, data, seed, model_args, workdir, threads, config):
     out = os.path.join(workdir, "run")
     shutil.rmtree(out, ignore_errors=True)
     cache = tempfile.mkdtemp(prefix="cache-", dir=workdir)
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
-           "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"),
+           "--config_file", config,
            *(["--num_cpu_threads_per_process", str(threads)] if threads else []),
            os.path.join(REPO, f"train_{script}.py"), "--data-dir", data, "--seed", str(seed),
            "--output-dir", out, "--report-to", "none", "--feature-cache-dir", cache,
@@ -146,6 +147,10 @@ def main():
     parser.add_argument("--model-args", default="", help="e.g. '--model timm:NAME --weights F'"
                         " (default: the scripts' default model)")
     parser.add_argument("--json", default="suite.json")
+    parser.add_argument("--accelerate-config", default=os.path.join(REPO, "accelerate_configs",
+                                                                    "cpu.yaml"),
+                        help="e.g. accelerate_configs/single_gpu.yaml on a GPU (wall times "
+                             "are only comparable within one machine and config)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: "
                         "accelerate's default, all cores); 1 lets two suites share 2 cores "
                         "without slowing each other down more than half")
@@ -176,7 +181,7 @@ def main():
                                                    / ref["mean_epoch_seconds"])
                     flags = f"{RECIPES[recipe][1]} --epochs {epochs}"
                 r = run_one(script, flags, data, seed, args.model_args.split(), workdir,
-                            args.threads)
+                            args.threads, args.accelerate_config)
                 r["seed"] = seed
                 done.append(r)
                 print(f"{name:18s} {recipe:20s} seed {seed}: best val acc "

@@ -110,7 +110,8 @@ class TrainConfig:
     model_ema: bool = opt(False, "also keep an exponential moving average of the weights, "
                           "evaluated every epoch and exported when it is the better model")
     model_ema_decay: float = opt(0.998, "--model-ema: weight of the old average at each "
-                                 "optimiser step")
+                                 "optimiser step, once warmed up (1 - (1 + step)^-0.75 "
+                                 "until then, as timm's EMA)")
     feature_views: int = opt(1, "cached features: training views per image; 0 = one "
                              "un-augmented centre view; K >= 1 = K augmented views (epoch e "
                              "uses view e mod K); extraction costs K forward passes per image")

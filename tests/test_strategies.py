@@ -11,6 +11,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from common.config import FinetuneConfig
+from common.ema import ModelEma, ema_decay
 from common.optim import lr_factor, param_groups
 from conftest import launch
 
@@ -254,3 +255,28 @@ def test_patience_stops_after_n_evaluations_without_a_better_metric_and_keeps_th
     best = [r for r in rows(out) if r["epoch"] == res["best_epoch"]][0]
     assert res["best_val_accuracy"] == best["val_accuracy"] == max(r["val_accuracy"]
                                                                    for r in rows(out))
+
+
+def test_ema_warms_up_its_decay_and_a_reloaded_average_continues_the_same():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    steps = [torch.randn_like(net[0].weight) for _ in range(6)]
+    ema, expected = ModelEma(net, 0.9), net[0].weight.detach().clone()
+    for t, delta in enumerate(steps):
+        with torch.no_grad():
+            net[0].weight += delta
+        net(torch.randn(4, 3))  # BatchNorm's integer counter moves too
+        ema.update(net)
+        if t == 3:  # a checkpoint: a new average loaded from it continues the same
+            reloaded = ModelEma(net, 0.9)
+            reloaded.load_state_dict(ema.state_dict())
+        elif t > 3:
+            reloaded.update(net)
+        # the first update copies; the t-th after it keeps ema_decay(0.9, t) of the average
+        d = 0.0 if t == 0 else ema_decay(0.9, t)
+        expected = d * expected + (1 - d) * net[0].weight.detach()
+        assert torch.allclose(ema.module[0].weight, expected, atol=1e-6), t
+    assert ema_decay(0.9, 1) < 0.5 and ema_decay(0.9, 150) == 0.9  # warms up, then holds
+    assert ema_decay(0.998, 150) == pytest.approx(0.977, abs=1e-3)
+    assert torch.equal(reloaded.module[0].weight, ema.module[0].weight)
+    assert ema.module[1].num_batches_tracked.item() == 6  # integer buffers: the latest value
