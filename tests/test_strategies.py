@@ -280,3 +280,25 @@ def test_ema_warms_up_its_decay_and_a_reloaded_average_continues_the_same():
     assert ema_decay(0.998, 150) == pytest.approx(0.977, abs=1e-3)
     assert torch.equal(reloaded.module[0].weight, ema.module[0].weight)
     assert ema.module[1].num_batches_tracked.item() == 6  # integer buffers: the latest value
+
+
+def test_model_ema_is_evaluated_checkpointed_and_resumed_exactly(image_folder, tiny_weights,
+                                                                 tmp_path, offline_env):
+    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs", "3",
+            "--checkpoints-total-limit", "0", "--model-ema", "--model-ema-decay", "0.9"]
+    full = tmp_path / "full"
+    launch("train_finetune.py", [*args, "--output-dir", full], offline_env)
+    assert all("ema_val_accuracy" in r for r in rows(full) if r["epoch"] > 0)
+    assert json.load(open(full / "results.json"))["best_weights"] in ("model", "ema")
+    folders = sorted(glob.glob(str(full / "checkpoints" / "step-*")),
+                     key=lambda p: int(p.rsplit("-", 1)[1]))
+    resumed = tmp_path / "resumed"
+    launch("train_finetune.py", [*args, "--output-dir", resumed,
+                                 "--resume-from-checkpoint", folders[0]], offline_env)
+    assert [r["ema_val_loss"] for r in rows(resumed)] == \
+        pytest.approx([r["ema_val_loss"] for r in rows(full)][1:], rel=1e-5)
+    # the average goes on with the same decay: its update count came back with it
+    ea, eb = (load_file(os.path.join(out, "checkpoints", os.path.basename(folders[-1]),
+                                     "ema.safetensors")) for out in (full, resumed))
+    assert ea["n_averaged"].item() == eb["n_averaged"].item() > 0
+    assert all(torch.allclose(ea[k].float(), eb[k].float(), rtol=1e-5, atol=1e-7) for k in ea)
