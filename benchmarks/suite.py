@@ -172,9 +172,15 @@ def main():
         for recipe in recipes:
             script, flags = RECIPES[recipe]
             done = results.setdefault(name, {}).setdefault(recipe, [])
-            for seed in seeds[len(done):]:
+            # by seed, not by count: a file holding seed 0 resumed with --seeds 1,2 runs both
+            for seed in [s for s in seeds if s not in {r.get("seed") for r in done}]:
                 if recipe == "plain-matched":
-                    ref = results[name]["finetune"][seeds.index(seed)]
+                    ref = next((r for r in results[name].get("finetune", [])
+                                if r.get("seed") == seed), None)
+                    if ref is None:
+                        sys.exit(f"suite.py: plain-matched on {name}, seed {seed} needs the "
+                                 f"finetune run of that seed first: list finetune before it "
+                                 f"in --recipes")
                     # the same wall time: the defaults' epochs plus as many as their probe
                     # took (start-up and export are paid by both runs alike)
                     epochs = ref["epochs"] + round(ref["start_seconds"]
