@@ -102,6 +102,10 @@ def run_one(script, flags, data, seed, model_args, workdir, threads, config):
                 # per epoch (0: the probe): what --patience N would have kept and saved is
                 # read off these, the schedule not depending on it
                 val_accuracy_by_epoch=[r["val_accuracy"] for r in rows],
+                # --model-ema: the average's own val accuracy per epoch (epoch 0 has none), so
+                # a reader can tell its gain from the best of two evaluations per epoch
+                **({"ema_val_accuracy_by_epoch": [r.get("ema_val_accuracy") for r in rows]}
+                   if any("ema_val_accuracy" in r for r in rows) else {}),
                 seconds_by_epoch=[round(r["seconds"], 1) for r in rows], flags=flags)
 
 
