@@ -30,17 +30,20 @@ def test_kill_9_halfway_then_resume_matches_uninterrupted(shared_dir, tmp_path, 
     from test_resume import start_and_interrupt
 
     args = ["--data-dir", shared_dir["data"], "--model", "timm:tf_efficientnet_lite0",
-            "--weights", shared_dir["weights"], "--epochs", "1", "--checkpointing-steps", "2",
-            "--probe-epochs", "0", "--report-to", "none"]
+            "--weights", shared_dir["weights"], "--epochs", "1", "--batch-size", "16",
+            "--max-train-steps", "6", "--checkpointing-steps", "2", "--probe-epochs", "0",
+            "--report-to", "none"]
     full = tmp_path / "full"
     launch("train_finetune.py", [*args, "--output-dir", full], offline_env, timeout=1200)
     out = tmp_path / "killed"
-    # 244 images / batch 32 = 8 steps per epoch: killed once the step-6 checkpoint is written
-    start_and_interrupt(args, out, offline_env, signal.SIGKILL, after_step=5)
+    # 6 steps of 16 images (of the epoch's 16: a time box keeps CI short, the val pass is whole),
+    # killed once the step-4 checkpoint is written, so the resumed run trains steps 5-6
+    start_and_interrupt(args, out, offline_env, signal.SIGKILL, after_step=3)
     launch("train_finetune.py", [*args, "--output-dir", out, "--resume-from-checkpoint",
                                  "latest"], offline_env, timeout=1200)
     a, b = (json.load(open(p / "results.json")) for p in (full, out))
     assert b["val_samples"] == a["val_samples"] == 153
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 6
     # exact here (per-sample augmentation seeds, restored RNG); the spec allows one image
     assert abs(a["final_val_accuracy"] - b["final_val_accuracy"]) * 153 <= 1
     assert abs(a["best_val_accuracy"] - b["best_val_accuracy"]) * 153 <= 1
