@@ -48,9 +48,12 @@ def linear_probe(accelerator, cfg, built, train, val, workers, channels_last, cl
         workers, channels_last)
     features, labels = train_loader.dataset.features, train_loader.dataset.labels
     val_x, val_y = val_loader.dataset.features[:, 0], val_loader.dataset.labels
+    # the extractor's defaults, whatever the fine-tune's optimiser flags say: epoch 0 is then
+    # exactly train_extractor.py's model (--weight-decay 0.05 leaked in here once)
     probe_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, epochs=cfg.probe_epochs,
                                     scheduler="cosine", warmup_epochs=0.0, optimizer="sgd",
-                                    layer_decay=None, backbone_lr_mult=1.0)
+                                    momentum=0.9, weight_decay=0.0, layer_decay=None,
+                                    backbone_lr_mult=1.0)
     device = accelerator.device
     heads.to(device).train()
     optimizer = build_optimizer(probe_cfg, heads)

@@ -203,8 +203,10 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
               "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
               "--feature-cache-dir", tmp_path / "cache", "--checkpointing-steps", "no"]
     launch("train_extractor.py", [*common, "--output-dir", tmp_path / "x"], offline_env)
-    proc = launch("train_finetune.py", [*common, "--epochs", "2", "--output-dir",
-                                        tmp_path / "f"], offline_env)
+    # the fine-tune's optimiser flags are its own: the probe keeps the extractor's
+    proc = launch("train_finetune.py", [*common, "--epochs", "2", "--weight-decay", "0.5",
+                                        "--momentum", "0.5", "--optimizer", "adamw",
+                                        "--output-dir", tmp_path / "f"], offline_env)
     assert "features: cached in" in proc.stdout  # the extractor's cache, reused
     extractor = json.load(open(tmp_path / "x" / "results.json"))
     finetune = json.load(open(tmp_path / "f" / "results.json"))
