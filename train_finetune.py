@@ -6,7 +6,8 @@ Runs on CPU, one GPU, several GPUs or machines, in fp32/bf16/fp16, through Accel
         --data-dir DIR --model timm:convnext_tiny
 By default: a linear probe first (--probe-epochs: a new head trained on cached features of the
 frozen backbone, evaluated as epoch 0: the extractor's accuracy as a floor), then every layer
-from a fresh head at one learning rate, BatchNorm statistics updated, for a budget of optimiser
+from a fresh head at one learning rate (AdamW, lr 0.001, weight decay 0.05; --optimizer sgd:
+lr 0.01, momentum 0.9), BatchNorm statistics updated, for a budget of optimiser
 steps (--epochs auto, --budget-steps), annealed to the end; the best epoch by --select-metric
 (epoch 0 included) is kept.
 Strategies: --finetune-from probe (LP-FT: every layer from the probe's head), --freeze-epochs N

@@ -15,12 +15,14 @@ case over the sets. Results of every run go to --json, which a later invocation 
 
 Recipes (NAME=SCRIPT:FLAGS adds one; see RECIPES below):
 - finetune, extractor: each script's defaults
+- sgd-finetune: the fine-tune defaults until 2026-11-30 (SGD lr 0.01 in place of AdamW
+  lr 0.001, weight decay 0.05; all else the same)
 - tutorial-finetune, tutorial-extractor: the PyTorch tutorial's recipe (batch 4, SGD 1e-3,
   StepLR 7/0.1, 25 epochs; the extractor runs the backbone on every image every epoch)
 - lpft: the fine-tune defaults until 2026-11-29 (LP-FT: every layer from the probe's head,
   backbone at 0.1x, BatchNorm statistics kept, label smoothing 0.1, --patience 5)
 - previous-finetune: the fine-tune defaults before the suite (ddb529f: 1 head-only + 3 epochs)
-- plain: every layer from a random head, lr 0.01, cosine, 10 epochs
+- plain: every layer from a random head, SGD lr 0.01, cosine, 10 epochs
 - plain-matched: the same, given the finetune defaults' wall time on that set and seed: their
   epochs plus as many as their probe and its evaluation took (needs finetune in the same run,
   earlier in --recipes)
@@ -45,22 +47,25 @@ from machine import describe  # noqa: E402
 SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
 SETS = ("hymenoptera_data", "clothing", "rice_leaf", "brain_mri", "hotdog")
 
+# each SGD recipe names --optimizer sgd: the fine-tune's default is AdamW since 2026-11-30
 PLAIN = "--probe-epochs 0 --freeze-epochs 0 --backbone-lr-mult 1 --label-smoothing 0 " \
-        "--lr 0.01 --scheduler cosine --patience 0 --no-bn-eval"
+        "--optimizer sgd --lr 0.01 --scheduler cosine --patience 0 --no-bn-eval"
 RECIPES = {
     "finetune": ("finetune", ""),
     "extractor": ("extractor", ""),
-    "tutorial-finetune": ("finetune", "--batch-size 4 --lr 0.001 --scheduler step --step-size 7 "
-                          "--gamma 0.1 --epochs 25 --probe-epochs 0 --freeze-epochs 0 "
+    "sgd-finetune": ("finetune", "--optimizer sgd"),
+    "tutorial-finetune": ("finetune", "--batch-size 4 --optimizer sgd --lr 0.001 "
+                          "--scheduler step --step-size 7 --gamma 0.1 --epochs 25 "
+                          "--probe-epochs 0 --freeze-epochs 0 "
                           "--backbone-lr-mult 1 --label-smoothing 0 --patience 0 --no-bn-eval"),
     "tutorial-extractor": ("extractor", "--batch-size 4 --lr 0.001 --scheduler step "
                            "--step-size 7 --gamma 0.1 --epochs 25 --no-cache-features "
                            "--feature-views 25"),
-    "lpft": ("finetune", "--finetune-from probe --backbone-lr-mult 0.1 --bn-eval "
-                         "--label-smoothing 0.1 --patience 5"),
+    "lpft": ("finetune", "--optimizer sgd --finetune-from probe --backbone-lr-mult 0.1 "
+                         "--bn-eval --label-smoothing 0.1 --patience 5"),
     "previous-finetune": ("finetune", "--epochs 4 --freeze-epochs 1 --probe-epochs 0 "
-                          "--backbone-lr-mult 0.1 --label-smoothing 0.1 --lr 0.01 --patience 0 "
-                          "--no-bn-eval"),
+                          "--backbone-lr-mult 0.1 --label-smoothing 0.1 --optimizer sgd "
+                          "--lr 0.01 --patience 0 --no-bn-eval"),
     "plain": ("finetune", f"{PLAIN} --epochs 10"),
     "plain-matched": ("finetune", PLAIN),  # --epochs from the finetune defaults' wall time
 }
@@ -144,8 +149,8 @@ def main():
     parser.add_argument("--data", nargs="+", default=[os.path.join(SHARED, "data", s)
                                                        for s in SETS])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--recipes", default="finetune,extractor,previous-finetune,"
-                                             "plain-matched,tutorial-finetune")
+    parser.add_argument("--recipes", default="finetune,extractor,sgd-finetune,"
+                                             "previous-finetune,plain-matched,tutorial-finetune")
     parser.add_argument("--recipe", action="append", default=[],
                         help="NAME=SCRIPT:FLAGS, e.g. 'ema=finetune:--model-ema'")
     parser.add_argument("--model-args", default="", help="e.g. '--model timm:NAME --weights F'"

@@ -294,11 +294,20 @@ def restore_best(output_dir, ckpt):
     replace_dir(tmp, best)
 
 
+def _optimizer_kind(state_dict):
+    """'adamw' or 'sgd', told by the hyper-parameters an optimiser's state dict records."""
+    return "adamw" if "betas" in state_dict["param_groups"][0] else "sgd"
+
+
 def apply_checkpoint(accelerator, ckpt, model, optimizer):
     """Load the parsed tensors into the (prepared) model and optimiser, and the scaler. The
     gradient-accumulation counter restarts: checkpoints are only taken right after an
     optimiser step."""
     bare_model(accelerator, model).load_state_dict(ckpt.model)
+    saved, ours = _optimizer_kind(ckpt.optimizer), _optimizer_kind(optimizer.state_dict())
+    if saved != ours:  # torch would load it, then fail at the first step on a missing key
+        raise UserError(f"--resume-from-checkpoint {ckpt.path}: it holds {saved}'s state and "
+                        f"this run trains with {ours}: resume with --optimizer {saved}")
     optimizer.load_state_dict(ckpt.optimizer)
     if accelerator.scaler is not None and ckpt.scaler:
         accelerator.scaler.load_state_dict(ckpt.scaler)

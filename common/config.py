@@ -166,6 +166,14 @@ class FinetuneConfig(TrainConfig):
                          "--budget-steps optimiser steps)", parse=int_or_auto)
     budget_steps: int = opt(150, "--epochs auto: fine-tune for at least this many optimiser "
                             "steps (a few hundred images get more epochs than thousands)")
+    optimizer: str = opt("adamw", "optimiser (AdamW: chosen on five datasets, "
+                         "benchmarks/README.md)", choices=("sgd", "adamw"))
+    lr: Optional[float] = opt(None, "peak learning rate of the head (default: 0.001 with "
+                              "adamw, 0.01 with sgd), or 'auto': run the LR range test "
+                              "(--find-lr) first and train with its suggestion",
+                              parse=float_or_auto)
+    weight_decay: Optional[float] = opt(None, "weight decay, never on biases and norm "
+                                        "weights (default: 0.05 with adamw, 0 with sgd)")
     probe_epochs: int = opt(10, "linear probe first: train the new head for N epochs on cached "
                             "features of the frozen backbone (seconds) and evaluate it as epoch "
                             "0, the extractor's accuracy as a floor (0: no probe)")
@@ -182,6 +190,14 @@ class FinetuneConfig(TrainConfig):
     bn_eval: bool = opt(False, "keep BatchNorm layers in eval mode (running statistics as "
                         "pretrained, as the linear probe saw them) while every layer trains; "
                         "off: they update from the training batches")
+
+    def __post_init__(self):
+        # each optimiser's own rate and decay, as measured on the suite: AdamW at SGD's 0.01
+        # would wreck the pretrained features
+        if self.lr is None:
+            self.lr = 0.001 if self.optimizer == "adamw" else 0.01
+        if self.weight_decay is None:
+            self.weight_decay = 0.05 if self.optimizer == "adamw" else 0.0
 
 
 @dataclass

@@ -17,6 +17,23 @@ def test_yaml_config_then_flags_override(tmp_path):
     assert (cfg.batch_size, cfg.lr, cfg.scheduler, cfg.epochs) == (4, 0.001, "step", 3)
 
 
+def test_each_optimiser_gets_its_own_lr_and_weight_decay_unless_given(tmp_path):
+    def parsed(*argv):
+        cfg = parse_config(FinetuneConfig, "", list(argv))
+        return cfg.optimizer, cfg.lr, cfg.weight_decay
+
+    assert parsed() == ("adamw", 0.001, 0.05)  # the fine-tune's defaults (benchmarks/README)
+    assert parsed("--optimizer", "sgd") == ("sgd", 0.01, 0.0)
+    assert parsed("--lr", "0.003", "--weight-decay", "0") == ("adamw", 0.003, 0.0)
+    assert parsed("--lr", "auto")[1] == "auto"
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer: sgd\nlr: null\n")  # null: the optimiser's default
+    assert parsed("--config", str(path)) == ("sgd", 0.01, 0.0)
+    # the extractor trains a linear head only: SGD at its own rate, no decay
+    ext = parse_config(ExtractorConfig, "", [])
+    assert (ext.optimizer, ext.lr, ext.weight_decay) == ("sgd", 0.03, 0.0)
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = parse_config(ExtractorConfig, "", ["--model", "timm:test_resnet", "--no-pretrained"])
     save_config(cfg, tmp_path / "config.yaml")

@@ -52,7 +52,8 @@ def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None
     """Prepare a tiny model/optimiser/loader and train one epoch; returns what it needs."""
     torch.manual_seed(0)
     model = TinyNet()
-    cfg = FinetuneConfig(lr=0.1, epochs=2, scheduler="cosine", log_every=log_every)
+    cfg = FinetuneConfig(optimizer="sgd", lr=0.1, epochs=2, scheduler="cosine",
+                         log_every=log_every)
     optimizer = build_optimizer(cfg, model, ("head",))
     loader = torch.utils.data.DataLoader(TinyData(n, scale), batch_size=batch_size,
                                          pin_memory=torch.cuda.is_available())

@@ -191,6 +191,23 @@ def test_resume_with_a_poisoned_optimizer_file_exits_with_one_line(data, uninter
     assert len(errors) == 1 and "optimizer.pt is not a valid torch file" in errors[0], proc.stderr
 
 
+def test_resuming_with_another_optimizer_exits_with_one_line_naming_the_flag(
+        data, uninterrupted, tmp_path, offline_env):
+    """A run started with AdamW (the default) resumed with --optimizer sgd: torch would load
+    the state, then fail deep in the first step (or a run from before the default changed,
+    resumed without the flag)."""
+    _, out = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--optimizer", "sgd",
+                                        "--output-dir", run, "--resume-from-checkpoint",
+                                        "latest"], offline_env, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "resume with --optimizer adamw" in errors[0], proc.stderr
+    assert "KeyError" not in proc.stderr  # (the launcher adds a traceback of its own)
+
+
 def _steps(root):
     return sorted(d for d in os.listdir(root) if d.startswith("step-"))
 
