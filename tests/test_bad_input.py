@@ -221,8 +221,9 @@ def test_bad_flags_are_rejected_before_any_work(offline_env, argv, message):
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path,
                                                                            offline_env):
     root = make_image_folder(tmp_path / "data")
-    proc, out = train(tmp_path, offline_env, "--data-dir", root, "--optimizer", "sgd", "--lr", "1e30",
-                      "--checkpointing-steps", "1", "--freeze-epochs", "0", epochs=2)
+    proc, out = train(tmp_path, offline_env, "--data-dir", root, "--optimizer", "sgd",
+                      "--lr", "1e30", "--checkpointing-steps", "1", "--freeze-epochs", "0",
+                      epochs=2)
     line = assert_one_line_error(proc, "training loss became", "epoch 1, step", "lower --lr")
     assert "nan" in line or "inf" in line
     assert (out / "checkpoints" / "latest").exists() and not (out / "results.json").exists()

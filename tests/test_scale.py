@@ -56,8 +56,7 @@ def test_streaming_on_2_processes_counts_val_once_like_the_in_memory_dataset(
 def test_streaming_trains_and_resumes_mid_epoch_exactly(parquet_set, tmp_path, offline_env):
     path, _ = parquet_set
     args = ["--dataset", path, "--streaming", *TINY, "--epochs", "2", "--optimizer", "sgd",
-            "--lr", "0.1",
-            "--checkpointing-steps", "3", "--checkpoints-total-limit", "0"]
+            "--lr", "0.1", "--checkpointing-steps", "3", "--checkpoints-total-limit", "0"]
     full = tmp_path / "full"
     launch("train_finetune.py", [*args, "--output-dir", full], offline_env)
     a = results(full)

@@ -29,8 +29,7 @@ def test_script_trains_and_writes_a_complete_run_folder(script, nproc, image_fol
     out = tmp_path / "run"
     # rates at which the colour-coded tiny set is learned in 3 epochs
     lr = (["--optimizer", "sgd", "--lr", "0.1", "--freeze-epochs", "0", "--probe-epochs", "0"]
-          if "finetune" in script
-          else ["--lr", "0.5"])
+          if "finetune" in script else ["--lr", "0.5"])
     proc = launch(script, ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
                            "--epochs", "3", *lr, "--output-dir", out, "--report-to", "none"],
                   offline_env, nproc=nproc)

@@ -23,8 +23,8 @@ def trained(tmp_path_factory, offline_env, tiny_weights):
     data = make_image_folder(root / "data", counts={"train": 8, "val": 4})
     out = root / "run"
     launch("train_finetune.py", ["--data-dir", data, *TINY, "--weights", tiny_weights,
-                                 "--epochs", "3", "--probe-epochs", "0", "--optimizer", "sgd", "--lr", "0.1",
-                                 "--output-dir", out], offline_env)
+                                 "--epochs", "3", "--probe-epochs", "0", "--optimizer", "sgd",
+                                 "--lr", "0.1", "--output-dir", out], offline_env)
     return data, out, json.load(open(out / "results.json"))
 
 
