@@ -222,6 +222,15 @@ def _field_type(f):
     return args[0] if args else t
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help gives it (--lr: by optimiser)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end in one line, like every other error here, not a page of usage."""
 
@@ -232,7 +241,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(cls, description):
     parser = _Parser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=description, formatter_class=_Formatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of options (keys as the flags, with - or _)")
     for f in dataclasses.fields(cls):
