@@ -114,7 +114,18 @@ def run_one(script, flags, data, seed, model_args, workdir, threads, config):
                 seconds_by_epoch=[round(r["seconds"], 1) for r in rows], flags=flags)
 
 
+def machine_tag(runs, machines):
+    """' [m1]' after a row whose runs ran on the 2nd machine of several; '' with one."""
+    if len(machines) < 2:
+        return ""
+    return " " + "".join(f"[m{machines.index(m)}]" for m in
+                         dict.fromkeys(x["machine"] for x in runs))
+
+
 def summarise(results, sets, recipes):
+    # wall times compare only within one machine: name it where a file holds several
+    machines = list(dict.fromkeys(x["machine"] for s in sets for r in recipes
+                                  for x in results.get(s, {}).get(r, [])))
     lines = []
     head = f"{'set':18s} {'recipe':20s} {'best val acc':>12s} {'min-max':>13s} " \
            f"{'95% CI (val)':>13s} {'epoch':>5s} {'wall s':>7s}"
@@ -133,8 +144,11 @@ def summarise(results, sets, recipes):
             lines.append(f"{s:18s} {r:20s} {mean:12.4f} {min(accs):6.3f}-{max(accs):.3f} "
                          f"{low:6.3f}-{high:.3f} "
                          f"{sum(x['best_epoch'] for x in runs) / len(runs):5.1f} "
-                         f"{sum(x['process_seconds'] for x in runs) / len(runs):7.0f}")
+                         f"{sum(x['process_seconds'] for x in runs) / len(runs):7.0f}"
+                         f"{machine_tag(runs, machines)}")
         lines.append("")
+    if len(machines) > 1:  # a suite resumed on another machine: whose wall time is whose
+        lines += [f"[m{i}] {m}" for i, m in enumerate(machines)] + [""]
     lines.append(f"{'recipe':20s} {'mean over sets':>14s} {'worst set':>10s} {'sets':>5s}")
     for r, means in per_recipe.items():
         if means:
@@ -174,7 +188,11 @@ def main():
     results = {}
     if os.path.exists(args.json):  # resume an interrupted suite: keep what was measured
         with open(args.json) as fh:
-            results = json.load(fh).get("results", {})
+            saved = json.load(fh)
+        results = saved.get("results", {})
+        for runs in (runs for by_recipe in results.values() for runs in by_recipe.values()):
+            for r in runs:  # files written before each run named its own machine
+                r.setdefault("machine", saved.get("machine", "unknown"))
     workdir = tempfile.mkdtemp(prefix="suite-")
     sets = [os.path.basename(os.path.normpath(d)) for d in args.data]
     for data, name in zip(args.data, sets):
@@ -197,7 +215,7 @@ def main():
                     flags = f"{RECIPES[recipe][1]} --epochs {epochs}"
                 r = run_one(script, flags, data, seed, args.model_args.split(), workdir,
                             args.threads, args.accelerate_config)
-                r["seed"] = seed
+                r["seed"], r["machine"] = seed, describe()  # resumes may change machine
                 done.append(r)
                 print(f"{name:18s} {recipe:20s} seed {seed}: best val acc "
                       f"{r['best_val_accuracy']:.4f} (epoch {r['best_epoch']}/{r['epochs']}), "
