@@ -5,7 +5,11 @@ Train for `--find-lr-steps` optimiser steps while the learning rate grows expone
 1e-7 to 10 (every group keeps its scale: backbone mult, layer decay), record the loss
 smoothed with an exponential moving average (debiased), stop early once it diverges (4x its
 minimum, or not finite), and suggest a tenth of the lr at the minimum smoothed loss: a step
-size still well inside the region where the loss falls fast.
+size still well inside the region where the loss falls fast. A loss that never falls
+(MIN_FALL below its highest point before the minimum) has no such region: then there is no
+suggestion (--lr auto falls back to the default lr, saying so) rather than the sweep's first
+lr / 10, at which nothing trains. That happens when the model already sits in a minimum,
+e.g. a head trained to convergence on frozen features (LP-FT's start).
 
 Multi-process: each step's loss is averaged over processes (`accelerator.reduce`) before any
 decision, so every rank sees the same curve, stops at the same step and suggests the same lr;
@@ -30,6 +34,7 @@ from common.optim import set_peak_lr
 from common.runtime import bare_model
 
 START_LR, END_LR, BETA, DIVERGE = 1e-7, 10.0, 0.98, 4.0
+MIN_FALL = 0.1  # the smoothed loss must fall 10% for a suggestion
 
 
 def _snapshot(accelerator, model, optimizer):
@@ -55,15 +60,21 @@ def _restore(accelerator, model, optimizer, saved):
 
 
 def suggest(lrs, smoothed):
-    """(suggested lr, index of the minimum): a tenth of the lr at the minimum smoothed loss."""
+    """(suggested lr, index of the minimum): a tenth of the lr at the minimum smoothed loss,
+    or None where the loss never fell MIN_FALL below its highest point before the minimum."""
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
+    # from the highest point before the minimum, not from the first step: one batch is noisy
+    # (a first batch that happens to be easy would hide a fall that follows)
+    if smoothed[best] > (1 - MIN_FALL) * max(smoothed[:best + 1]):
+        return None, best
     return lrs[best] / 10, best
 
 
 def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen):
     """Run the range test on the prepared model/optimizer/loader, with the backbone frozen or
     not (as the model's parameters already are); return the suggested peak lr (of the head;
-    the other groups scale with it). Writes lr_find.json and lr_find.png."""
+    the other groups scale with it), or None where the loss never fell. Writes lr_find.json
+    and lr_find.png."""
     steps = cfg.find_lr_steps
     saved = _snapshot(accelerator, model, optimizer)
     set_train_mode(bare_model(accelerator, model), run.head_names, frozen, run.bn_eval)
@@ -103,8 +114,11 @@ def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen)
     lr, best = suggest(lrs, smoothed)
     accelerator.print(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "
                       f"minimum smoothed loss {smoothed[best]:.4f} at lr {lrs[best]:.2e}; "
-                      f"suggested --lr {lr:.2e} (a tenth of that)")
-    if best == len(smoothed) - 1:
+                      + (f"suggested --lr {lr:.2e} (a tenth of that)" if lr else
+                         f"no suggestion: the loss never fell {MIN_FALL:.0%} below where it "
+                         f"was ({max(smoothed[:best + 1]):.4f}), so no lr is better than "
+                         "another here; set --lr yourself (see lr_find.png)"))
+    if lr and best == len(smoothed) - 1:
         accelerator.print("note: the loss was still falling at the end of the sweep (no "
                           "divergence), so the suggestion may be low; see lr_find.png")
     if accelerator.is_main_process:

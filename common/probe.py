@@ -84,7 +84,10 @@ def linear_probe(accelerator, cfg, built, train, val, workers, channels_last, cl
     seconds = time.time() - t0
     accelerator.print(f"linear probe: {cfg.probe_epochs} epochs on cached features in "
                       f"{seconds:.1f} s with the extraction; the head of epoch {best[1]} (val "
-                      f"accuracy {best[2]:.4f} on features) is where every layer starts")
+                      f"accuracy {best[2]:.4f} on features) is epoch 0's model"
+                      + ("; every layer fine-tunes from it" if cfg.finetune_from == "probe"
+                         else "; every layer fine-tunes from a fresh head (--finetune-from "
+                              "random)"))
     return dict(info, probe_seconds=round(seconds, 2), probe_best_epoch=best[1],
                 probe_val_accuracy=best[2])
 

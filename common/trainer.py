@@ -122,18 +122,30 @@ def _set_phase(accelerator, model, run, frozen):
 
 
 def _lr_range_test(accelerator, cfg, run, model, optimizer, loader, frozen, output_dir):
-    """--find-lr / --lr auto: measured in the phase whose peak lr is being chosen: with every
+    """--find-lr / --lr auto: measured on the model the peak lr is chosen for: with every
     layer training when --freeze-epochs starts with the head alone (those epochs then use the
-    same peak), with the frozen backbone for the extractor."""
+    same peak), with the frozen backbone for the extractor, and from the fresh heads that
+    --finetune-from random trains from (not the probe's trained ones, in which the loss
+    cannot fall). Returns the lr; with --lr auto and no suggestion, the default lr."""
     unfreeze = frozen and run.freeze_epochs is not None
     if unfreeze:
         accelerator.print("LR range test with every layer training (the head-only epochs "
                           "of --freeze-epochs then use the same peak lr)")
         model = _set_phase(accelerator, model, run, False)
+    probe_heads = None
+    if run.restart_heads is not None:  # the probe's heads are epoch 0's: put back after
+        probe_heads = {k: v.detach().clone() for k, v in run.trained.state_dict().items()
+                       if k in run.restart_heads}
+        run.trained.load_state_dict(run.restart_heads, strict=False)
     lr = find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir,
                  frozen and not unfreeze)
+    if probe_heads is not None:
+        run.trained.load_state_dict(probe_heads, strict=False)
     if unfreeze:
         _set_phase(accelerator, model, run, True)
+    if lr is None and cfg.lr == "auto":
+        lr = type(cfg)(optimizer=cfg.optimizer).lr  # the script's default for this optimiser
+        accelerator.print(f"--lr auto: no suggestion, training with the default --lr {lr:g}")
     return lr
 
 

@@ -150,18 +150,21 @@ def prediction_grid_png(dataset, predictions, run, path, n=16):
 
 def lr_find_png(lrs, smoothed, suggested, path):
     """LR range test: smoothed training loss against the learning rate (log scale), with
-    the suggested lr marked."""
+    the suggested lr marked (None: the loss never fell, the whole curve is shown)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, smoothed)
     ax.set_xscale("log")
-    ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested lr {suggested:.2e}")
     ax.set_xlabel("learning rate (head; other groups keep their scale)")
     ax.set_ylabel("training loss (smoothed)")
-    low, high = min(smoothed), smoothed[0]
-    ax.set_ylim(low - 0.1 * (high - low + 1e-8), max(high, low) + 0.5 * (high - low + 1e-8))
-    ax.legend()
-    ax.set_title("LR range test")
+    if suggested is not None:
+        ax.axvline(suggested, color="tab:red", linestyle="--",
+                   label=f"suggested lr {suggested:.2e}")
+        low, high = min(smoothed), smoothed[0]  # the falling part; the divergence is cut
+        ax.set_ylim(low - 0.1 * (high - low + 1e-8), max(high, low) + 0.5 * (high - low + 1e-8))
+        ax.legend()
+    ax.set_title("LR range test" + ("" if suggested is not None else
+                                    ": the loss never fell, no suggestion"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from common.config import FinetuneConfig
 from common.ema import ModelEma, ema_decay
+from common.lr_finder import suggest
+from common.viz import lr_find_png
 from common.optim import lr_factor, param_groups
 from conftest import launch
 
@@ -158,14 +160,15 @@ def test_label_smoothing_changes_the_training_loss_only(image_folder, tmp_path, 
 
 def test_find_lr_on_2_processes_restores_the_weights_exactly(image_folder, tiny_weights,
                                                              tmp_path, offline_env):
+    # 30 steps: enough for the tiny model's loss to fall the 10% a suggestion needs
     base = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights,
-            "--find-lr-steps", "12", "--checkpointing-steps", "no"]
+            "--find-lr-steps", "30", "--checkpointing-steps", "no"]
     probe = tmp_path / "probe"
     proc = launch("train_finetune.py", [*base, "--find-lr", "--output-dir", probe],
                   offline_env, nproc=2)
     assert "suggested --lr" in proc.stdout
     found = json.load(open(probe / "lr_find.json"))
-    assert 5 <= len(found["lr"]) <= 12 and found["suggested_lr"] > 0
+    assert 5 <= len(found["lr"]) <= 30 and found["suggested_lr"] > 0
     assert os.path.getsize(probe / "lr_find.png") > 0
     assert not (probe / "results.json").exists()  # --find-lr alone does not train
     # --lr auto with --epochs 0: the range test runs, then the start model is evaluated and
@@ -184,17 +187,56 @@ def test_find_lr_on_2_processes_restores_the_weights_exactly(image_folder, tiny_
 
 def test_lr_auto_trains_as_if_given_the_suggested_lr(image_folder, tiny_weights, tmp_path,
                                                      offline_env):
+    # 30 steps: the tiny model's loss falls 26% in them (too little in 10 for a suggestion)
     base = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs", "1",
-            "--find-lr-steps", "10", "--checkpointing-steps", "no"]
+            "--find-lr-steps", "30", "--checkpointing-steps", "no"]
     auto = tmp_path / "auto"
     launch("train_finetune.py", [*base, "--lr", "auto", "--output-dir", auto], offline_env)
     res = json.load(open(auto / "results.json"))
+    # a suggestion, not the fallback to the default lr
+    assert res["lr"] == json.load(open(auto / "lr_find.json"))["suggested_lr"] != 0.001
     given = tmp_path / "given"
     launch("train_finetune.py", [*base, "--lr", repr(res["lr"]), "--output-dir", given],
            offline_env)
     again = json.load(open(given / "results.json"))
     assert again["final_val_loss"] == pytest.approx(res["final_val_loss"], rel=1e-6)
     assert rows(given)[0]["train_loss"] == pytest.approx(rows(auto)[0]["train_loss"], rel=1e-6)
+
+
+def test_lr_suggestion_needs_a_falling_loss(tmp_path):
+    lrs = [1e-7 * 10 ** i for i in range(8)]
+    lr, best = suggest(lrs, [1.4, 1.3, 1.0, 0.6, 0.5, 0.7, 1.5, 3.0])
+    assert best == 4 and lr == pytest.approx(lrs[4] / 10)
+    # a head already trained to its minimum: the loss only rises (brain_mri, probe head:
+    # minimum at the sweep's 2nd step, and its "suggestion" of 1.2e-08 trained nothing)
+    assert suggest(lrs, [0.81, 0.8113, 0.82, 0.85, 0.9, 1.2, 2.0, 3.3])[0] is None
+    assert suggest(lrs, [1.0, 0.95, 0.93, 0.94, 1.1, 1.5, 2.0, 4.0])[0] is None  # 7%: noise
+    # the plot of a curve without a suggestion (--find-lr then tells the user to look at it)
+    png = lr_find_png(lrs, [0.81, 0.8113, 0.82, 0.85, 0.9, 1.2, 2.0, 3.3], None,
+                      str(tmp_path / "lr_find.png"))
+    assert os.path.getsize(png) > 0
+    # measured from the highest point before the minimum: an easy first batch hides nothing
+    # (the tiny test model's sweep: 0.94 on its first batch, 1.2 after four, 0.90 at best)
+    assert suggest(lrs, [0.94, 1.11, 1.2, 1.13, 0.9, 1.1, 1.8, 4.4])[0] == pytest.approx(
+        lrs[4] / 10)
+
+
+def test_lr_range_test_measures_the_fresh_head_that_trains_not_the_probes(
+        image_folder, tiny_weights, tmp_path, offline_env):
+    """--finetune-from random (the default): every layer trains from the heads as built, so
+    the range test must sweep those; sweeping the probe's trained head (where the loss can
+    only rise) gave brain_mri an lr of 1.2e-08 and a run at chance. The sweep with the probe
+    on must be the sweep of a run without a probe."""
+    base = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
+            "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
+            "--find-lr", "--find-lr-steps", "8", "--feature-cache-dir", tmp_path / "cache"]
+    curves = {}
+    for name, extra in (("probe", ["--probe-epochs", "10"]), ("none", ["--probe-epochs", "0"])):
+        launch("train_finetune.py", [*base, *extra, "--output-dir", tmp_path / name],
+               offline_env)
+        curves[name] = json.load(open(tmp_path / name / "lr_find.json"))
+    assert curves["probe"]["loss"] == pytest.approx(curves["none"]["loss"], rel=1e-5)
+    assert curves["probe"]["suggested_lr"] == curves["none"]["suggested_lr"]
 
 
 def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tiny_weights,
