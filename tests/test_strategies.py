@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from common.config import FinetuneConfig
 from common.ema import ModelEma, ema_decay
 from common.lr_finder import suggest
-from common.viz import lr_find_png
 from common.optim import lr_factor, param_groups
+from common.viz import lr_find_png
 from conftest import launch
 
 TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0",
