@@ -70,6 +70,9 @@ def test_cached_and_on_the_fly_training_give_the_same_head(views, image_folder, 
                                       "--no-pretrained", "--batch-size", "4", "--num-workers",
                                       "0", "--report-to", "none", "--epochs", "3",
                                       "--feature-views", views, "--checkpointing-steps", "no",
+                                      # exact only in fp32 (auto: bf16 on CPUs with native
+                                      # bf16, AVX512-BF16 or AMX, and the heads then differ)
+                                      "--extract-precision", "fp32",
                                       "--feature-cache-dir", tmp_path / "cache",
                                       "--output-dir", out, mode], offline_env)
         heads.append(load_file(str(out / "best" / "model.safetensors")))
@@ -99,6 +102,7 @@ def test_a_model_with_two_heads_trains_both_on_cached_features(image_folder, tmp
                                       "--no-pretrained", "--batch-size", "6", "--num-workers",
                                       "0", "--report-to", "none", "--epochs", epochs,
                                       "--lr", "0.5", "--checkpointing-steps", "no",
+                                      "--extract-precision", "fp32",  # exact (as above)
                                       "--feature-cache-dir", tmp_path / "cache",
                                       "--output-dir", outs[mode + epochs], mode], offline_env)
     cached, live, start = (load(str(outs[k] / "best" / "model.safetensors")) for k in

@@ -243,9 +243,13 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
                                                                tmp_path, offline_env):
     """The probe is the extractor's default recipe on the same cached features: the fine-tune's
     epoch 0 is the extractor's best model, so the fine-tune can only keep or improve on it."""
+    # fp32 features: epoch 0 is evaluated by the fp32 forward of the whole model, which equals
+    # the extractor's cached-feature evaluation exactly only when those are fp32 too (auto
+    # picks bf16 on CPUs with native bf16)
     common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
               "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
-              "--feature-cache-dir", tmp_path / "cache", "--checkpointing-steps", "no"]
+              "--feature-cache-dir", tmp_path / "cache", "--checkpointing-steps", "no",
+              "--extract-precision", "fp32"]
     launch("train_extractor.py", [*common, "--output-dir", tmp_path / "x"], offline_env)
     # the fine-tune's optimiser flags are its own: the probe keeps the extractor's
     proc = launch("train_finetune.py", [*common, "--epochs", "2", "--weight-decay", "0.5",
