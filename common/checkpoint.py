@@ -16,6 +16,12 @@ manifest is an integrity check (it catches a truncated or half-copied folder), n
 security boundary: anyone can rewrite it. Every file is read once, checked against the
 manifest and parsed from those same bytes.
 
+Nor can a checkpoint from elsewhere make a resume read or write outside its folders (as
+tarfile's `filter="data"`): every name in its manifest must be one of the names above
+(`best/` one level deep, the files an export holds), read as a regular file that is no
+symbolic link and lies inside the checkpoint; `latest` must name a `step-N` folder; and
+`best/` is restored under those checked names only, inside the run folder.
+
 Writes are atomic: a temporary folder, renamed into place, then the `latest` pointer.
 Resuming from an older checkpoint moves the abandoned later ones aside
 (`checkpoints/abandoned/`) and restores `best/` to what it was at that checkpoint.
@@ -27,7 +33,9 @@ import io
 import json
 import os
 import random
+import re
 import shutil
+import stat
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +54,24 @@ from common.runtime import bare_model
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 2
+STEP_NAME = re.compile(r"step-[0-9]{1,12}")  # checkpoints/step-N (and `latest`'s content)
+# Every file a checkpoint may name: its own, each rank's RNG states, the EMA, and best/
+# (what common/export.py and the end of a run write there). Nothing else is read.
+TOP_FILES = re.compile(r"(model\.safetensors|optimizer\.pt|train_state\.json|"
+                       r"rng-[0-9]{1,6}\.json|ema\.safetensors)")
+BEST_FILES = frozenset({"model.safetensors", "model.json", "config.json", "README.md",
+                        "confusion_matrix.png", "predictions.safetensors"})
+
+
+def _checked_name(rel):
+    """`rel` if it is a file name a checkpoint may hold ('best/NAME' one level deep), else
+    None: no absolute path, no '..', no other folder, no name outside the known set."""
+    if not isinstance(rel, str):
+        return None
+    if TOP_FILES.fullmatch(rel):
+        return rel
+    folder, _, name = rel.partition("/")
+    return rel if folder == "best" and name in BEST_FILES else None
 
 
 @dataclass
@@ -148,7 +174,7 @@ def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limi
         best = os.path.join(output_dir, "best")
         if os.path.isdir(best):  # best/ as of now: a resume restores it
             os.makedirs(os.path.join(tmp, "best"))
-            for f in os.listdir(best):
+            for f in sorted(set(os.listdir(best)) & BEST_FILES):  # not a stray temp file
                 link_or_copy(os.path.join(best, f), os.path.join(tmp, "best", f))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -178,7 +204,8 @@ def resolve_checkpoint(arg, output_dir):
         if os.path.isfile(os.path.join(root, "latest")):
             with open(os.path.join(root, "latest")) as fh:
                 name = fh.read().strip()
-        if not name or not os.path.isfile(os.path.join(root, name, MANIFEST)):
+        if not name or not STEP_NAME.fullmatch(name) or \
+                not os.path.isfile(os.path.join(root, name, MANIFEST)):
             done = _complete_checkpoints(root)  # the pointer is written last: fall back
             name = done[-1] if done else None
         if name is None:
@@ -209,6 +236,25 @@ def _refuse(path, rel, why):
                      "checkpoint (pick another one, or start without it)")
 
 
+def _read_inside(path, rel):
+    """The bytes of the regular file `rel` inside the folder `path`; None when it is absent,
+    False when it, or its folder (best/), is a symbolic link or not a regular file: a link
+    could name any file on the machine."""
+    folder = os.path.dirname(rel)
+    if folder and os.path.islink(os.path.join(path, folder)):
+        return False
+    try:
+        fd = os.open(os.path.join(path, rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError:  # ELOOP: a symbolic link
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # a FIFO or device would hang
+            return False
+        return fh.read()
+
+
 def read_checkpoint(path):
     """Read every file of a checkpoint once, check it against the manifest, parse it with a
     parser that cannot run code (JSON, safetensors, torch.load weights_only=True)."""
@@ -222,12 +268,14 @@ def read_checkpoint(path):
                         f"scripts (no valid {MANIFEST} of format {FORMAT})") from None
     raw = {}
     for rel, digest in files.items():
-        try:
-            with open(os.path.join(path, rel), "rb") as fh:
-                raw[rel] = fh.read()
-        except OSError:
-            raise _refuse(path, rel, "is missing") from None
-        if hashlib.sha256(raw[rel]).hexdigest() != digest:
+        if _checked_name(rel) is None:
+            raise _refuse(path, repr(rel)[:120], "is not a file name a checkpoint holds")
+        raw[rel] = _read_inside(path, rel)
+        if raw[rel] is None:
+            raise _refuse(path, rel, "is missing")
+        if raw[rel] is False:
+            raise _refuse(path, rel, "is a link or not a regular file")
+        if not isinstance(digest, str) or hashlib.sha256(raw[rel]).hexdigest() != digest:
             raise _refuse(path, rel, "changed since it was written")
 
     def parse(rel, kind):
@@ -283,7 +331,8 @@ def set_aside_later_checkpoints(output_dir, step):
 
 
 def restore_best(output_dir, ckpt):
-    """Main process: best/ as it was when the checkpoint was taken (or none)."""
+    """Main process: best/ as it was when the checkpoint was taken (or none). Only the
+    checked names of read_checkpoint are written, each inside <output_dir>/best."""
     best = os.path.join(output_dir, "best")
     if not ckpt.best:
         shutil.rmtree(best, ignore_errors=True)
@@ -293,6 +342,8 @@ def restore_best(output_dir, ckpt):
     os.makedirs(tmp)
     usual_mode(tmp, directory=True)
     for name, data in ckpt.best.items():
+        if name not in BEST_FILES:  # read_checkpoint let none through; never write one
+            raise _refuse(ckpt.path, f"best/{name!r}"[:120], "is not a file name best/ holds")
         with open(os.path.join(tmp, name), "wb") as fh:
             fh.write(data)
     replace_dir(tmp, best)

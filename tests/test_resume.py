@@ -314,3 +314,91 @@ def _records(run_dir):
     out = subprocess.run([exe, "leet", "inspect", "--json", run_dir], capture_output=True,
                          text=True, timeout=120).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _plant(ckpt, key, data):
+    """Add a file under manifest key `key` (with its bytes where a naive join would read
+    them) and rewrite the manifest to match, as anyone handing out a checkpoint can."""
+    import hashlib
+
+    target = os.path.join(str(ckpt), key)  # where os.path.join(ckpt, key) reads it
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as fh:
+        fh.write(data)
+    manifest = json.load(open(ckpt / "manifest.json"))
+    manifest["files"][key] = hashlib.sha256(data).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_naming_files_outside_its_run_is_refused_and_nothing_is_written(
+        data, uninterrupted, tmp_path, offline_env):
+    """best/ keys that a naive join turns into a path outside the run (absolute, '..'), a
+    symbolic link to a file elsewhere, and a `latest` pointing out of checkpoints/: each is
+    refused with one line, and no file appears outside the run folder."""
+    _, out = uninterrupted
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the checkpoint's to read")
+    planted = {
+        "absolute": f"best//{outside}/bashrc",  # os.path.join(best, '/...') = '/...'
+        "dotdot": "best/../../../outside/dotdot",
+        "nested": "best/sub/model.json",
+        "unknown top-level": "evil.safetensors",
+    }
+    for what, key in planted.items():
+        run = tmp_path / what.replace(" ", "_")
+        shutil.copytree(out / "checkpoints", run / "checkpoints")
+        ckpt = run / "checkpoints" / "step-00000030"
+        _plant(ckpt, key, b"#!/bin/sh\necho owned\n")
+        with pytest.raises(UserError, match="is not a file name a checkpoint holds"):
+            read_checkpoint(str(ckpt))
+    # the whole script, as a user resumes: one error line, exit != 0, nothing outside
+    proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir",
+                                        tmp_path / "absolute", "--resume-from-checkpoint",
+                                        "latest"], offline_env, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert "is not a file name a checkpoint holds" in errors[0]
+    assert os.listdir(outside) == []
+    # a known name that is a symbolic link to a file elsewhere: not read
+    run = tmp_path / "link"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    ckpt = run / "checkpoints" / "step-00000030"
+    os.remove(ckpt / "best" / "config.json")
+    os.symlink(secret, ckpt / "best" / "config.json")
+    _rewrite_manifest(ckpt)
+    with pytest.raises(UserError, match="best/config.json is a link or not a regular file"):
+        read_checkpoint(str(ckpt))
+    # best/ itself a link to another folder
+    run = tmp_path / "linkdir"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    ckpt = run / "checkpoints" / "step-00000030"
+    shutil.move(str(ckpt / "best"), str(outside / "best"))
+    os.symlink(outside / "best", ckpt / "best")
+    with pytest.raises(UserError, match="is a link or not a regular file"):
+        read_checkpoint(str(ckpt))
+    # `latest` naming a folder outside checkpoints/: not followed, the newest step instead
+    run = tmp_path / "pointer"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    shutil.copytree(out / "checkpoints" / "step-00000028", tmp_path / "elsewhere")
+    (run / "checkpoints" / "latest").write_text("../../elsewhere\n")
+    assert resolve_checkpoint("latest", str(run)) == str(run / "checkpoints" /
+                                                         "step-00000030")
+
+
+def test_restore_best_writes_only_known_names_inside_the_run(uninterrupted, tmp_path):
+    """Defence in depth: even a Checkpoint object built by other code cannot make
+    restore_best write outside <run>/best."""
+    from common.checkpoint import restore_best
+
+    _, out = uninterrupted
+    ckpt = read_checkpoint(str(out / "checkpoints" / "step-00000030"))
+    assert set(ckpt.best) >= {"model.safetensors", "model.json"}
+    target = tmp_path / "escaped"
+    ckpt.best = {**ckpt.best, str(target): b"x"}
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(UserError, match="is not a file name best/ holds"):
+        restore_best(str(run), ckpt)
+    assert not target.exists()
