@@ -231,9 +231,15 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # name -> state dict (e.g. "ema")
 
 
-def _refuse(path, rel, why):
-    return UserError(f"--resume-from-checkpoint {path}: {rel} {why}; refusing this "
-                     "checkpoint (pick another one, or start without it)")
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files are missing, changed or unreadable: what a crash, a full
+    disk or a half-copied folder leaves (`latest` then falls back to the one before)."""
+
+
+def _refuse(path, rel, why, damaged=True):
+    return (DamagedCheckpoint if damaged else UserError)(
+        f"--resume-from-checkpoint {path}: {rel} {why}; refusing this checkpoint (pick "
+        "another one, or start without it)")
 
 
 def _read_inside(path, rel):
@@ -264,12 +270,14 @@ def read_checkpoint(path):
         files = manifest["files"]
         assert isinstance(files, dict) and manifest.get("format") == FORMAT
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"--resume-from-checkpoint {path}: not a checkpoint written by these "
-                        f"scripts (no valid {MANIFEST} of format {FORMAT})") from None
+        raise DamagedCheckpoint(f"--resume-from-checkpoint {path}: not a checkpoint written "
+                                f"by these scripts (no valid {MANIFEST} of format {FORMAT})"
+                                ) from None
     raw = {}
     for rel, digest in files.items():
         if _checked_name(rel) is None:
-            raise _refuse(path, repr(rel)[:120], "is not a file name a checkpoint holds")
+            raise _refuse(path, repr(rel)[:120], "is not a file name a checkpoint holds",
+                          damaged=False)  # made, not damaged: never fall back past it
         raw[rel] = _read_inside(path, rel)
         if raw[rel] is None:
             raise _refuse(path, rel, "is missing")
@@ -313,6 +321,28 @@ def read_checkpoint(path):
                       model=parse("model.safetensors", "safetensors"),
                       optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
                       rng=rng, best=best, extra=extra)
+
+
+def load_checkpoint(arg, output_dir, say=print):
+    """The checkpoint named by `--resume-from-checkpoint arg`, read and checked. For `latest`,
+    a newest checkpoint that fails its digests (a crash or a full disk cut it short after
+    the pointer moved) is passed over for the one before it, saying so in one line; a
+    checkpoint named by its path is taken or refused as it is."""
+    first = resolve_checkpoint(arg, output_dir)
+    if arg != "latest":
+        return read_checkpoint(first)
+    root = os.path.join(output_dir, CHECKPOINTS)
+    candidates = [first] + [os.path.join(root, d) for d in reversed(_complete_checkpoints(root))
+                            if os.path.join(root, d) != first]
+    for i, path in enumerate(candidates):
+        try:
+            return read_checkpoint(path)
+        except DamagedCheckpoint as e:
+            if i + 1 == len(candidates):
+                raise
+            reason = str(e).split(": ", 1)[1].split("; refusing", 1)[0]
+            say(f"warning: {os.path.basename(path)} is damaged ({reason}); resuming from "
+                f"the checkpoint before it, {os.path.basename(candidates[i + 1])}")
 
 
 def set_aside_later_checkpoints(output_dir, step):

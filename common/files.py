@@ -2,6 +2,11 @@
 
 Every write goes to a temporary name in the same folder (so on the same filesystem) and is
 renamed into place; a folder is replaced whole by renaming the old one aside first.
+
+Kill safety needs only the renames; crash safety (power loss, a node that dies) also needs
+the data on disk before the rename that publishes it: otherwise the kernel may persist the
+rename first, and the file is there after a reboot, empty or cut short. So every file is
+fsync'ed before its rename, and its folder after (which makes the rename itself durable).
 """
 
 import json
@@ -21,18 +26,72 @@ def usual_mode(path, directory=False):
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def fsync_dir(path):
+    """Make the entries of folder `path` (files created or renamed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem that cannot sync folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """fsync every file and folder under `path` (a finished temporary folder, before the
+    rename that publishes it)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def write_text(path, text):
-    """Atomically replace `path` with `text`."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    """Atomically and durably replace `path` with `text`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     usual_mode(tmp)
     os.replace(tmp, path)
+    fsync_dir(folder)
 
 
 def write_json(path, obj):
     """Atomically replace `path` with `obj` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_jsonl(path):
+    """(rows, torn): the JSON lines of `path`; a last line cut short by a crash (no newline,
+    or not JSON) is dropped and reported as `torn`, a bad line elsewhere raises ValueError."""
+    with open(path) as fh:
+        lines = fh.read().split("\n")
+    rows, torn = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
+                raise
+            torn = True
+    return rows, torn
+
+
+def write_jsonl(path, rows):
+    """Atomically replace `path` with `rows` as JSON lines."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(path, obj):
@@ -51,13 +110,16 @@ def new_temp_dir(parent, prefix):
 
 
 def replace_dir(tmp, final):
-    """Move the finished folder `tmp` to `final`, replacing whatever was there whole."""
+    """Move the finished folder `tmp` to `final`, replacing whatever was there whole; its
+    files reach the disk before the rename does."""
     parent = os.path.dirname(os.path.abspath(final))
+    fsync_tree(tmp)
     old = None
     if os.path.isdir(final):
         old = tempfile.mkdtemp(prefix=".old-", dir=parent)
         os.replace(final, os.path.join(old, "x"))
     os.replace(tmp, final)
+    fsync_dir(parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -17,7 +17,6 @@ of the new global batches; otherwise the run refuses, naming an epoch-end checkp
 """
 
 import dataclasses
-import json
 import math
 import os
 import resource
@@ -26,16 +25,15 @@ import time
 
 import torch
 
-from common.checkpoint import (TrainState, apply_checkpoint, read_checkpoint,
-                               resolve_checkpoint, restore_best, restore_rng, save_checkpoint,
-                               set_aside_later_checkpoints)
+from common.checkpoint import (TrainState, apply_checkpoint, load_checkpoint, restore_best,
+                               restore_rng, save_checkpoint, set_aside_later_checkpoints)
 from common.data import set_epoch
 from common.engine import StopSignal, check_finite, evaluate, reduce_sums, train_one_epoch
 from common.errors import UserError
 from common.calibration import expected_calibration_error, fit_temperature
 from common.card import model_card
 from common.export import export_model, update_export
-from common.files import append_jsonl, write_json
+from common.files import append_jsonl, read_jsonl, write_json, write_jsonl
 from common.ema import ModelEma
 from common.lr_finder import find_lr
 from common.metrics import load_metrics, score, wilson_interval
@@ -54,7 +52,7 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
 
     Raises UserError: a checkpoint that cannot be read or does not fit this world, a
     non-finite training loss, a diverging LR range test."""
-    ckpt = _read_resume(cfg, output_dir)
+    ckpt = _read_resume(accelerator, cfg, output_dir)
     state = ckpt.state if ckpt else TrainState()
     frozen = run.frozen_at(state.epoch)
     freeze_backbone(run.trained, run.head_names, frozen)  # before DDP is built around it
@@ -107,11 +105,11 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
                    output_dir, loop.stopped_early)
 
 
-def _read_resume(cfg, output_dir):
+def _read_resume(accelerator, cfg, output_dir):
     """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
     if not cfg.resume_from_checkpoint:
         return None
-    return read_checkpoint(resolve_checkpoint(cfg.resume_from_checkpoint, output_dir))
+    return load_checkpoint(cfg.resume_from_checkpoint, output_dir, accelerator.print)
 
 
 def _set_phase(accelerator, model, run, frozen):
@@ -187,11 +185,11 @@ def _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, loader_le
         metrics_path = os.path.join(output_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):
             # rows the interrupted run wrote after this checkpoint will be computed again
-            with open(metrics_path) as fh:
-                keep = [line for line in fh
-                        if line.strip() and json.loads(line)["epoch"] <= state.epoch]
-            with open(metrics_path, "w") as fh:
-                fh.writelines(keep)
+            rows, torn = read_jsonl(metrics_path)
+            if torn:
+                accelerator.print(f"{metrics_path}: its last line was cut off by the crash; "
+                                  "dropped (that row is computed again)")
+            write_jsonl(metrics_path, [r for r in rows if r["epoch"] <= state.epoch])
     accelerator.wait_for_everyone()
     accelerator.print(f"Resuming from {ckpt.path}: epoch {state.epoch + 1}, batch "
                       f"{state.batches_done}, optimiser step {state.step}")

@@ -402,3 +402,65 @@ def test_restore_best_writes_only_known_names_inside_the_run(uninterrupted, tmp_
     with pytest.raises(UserError, match="is not a file name best/ holds"):
         restore_best(str(run), ckpt)
     assert not target.exists()
+
+
+def test_latest_cut_short_by_a_crash_falls_back_to_the_checkpoint_before_it(
+        data, uninterrupted, tmp_path, offline_env):
+    """A crash after `latest` moved but before the newest checkpoint's data reached the disk
+    leaves it failing its digests: the resume says so in one line and continues from the
+    checkpoint before it, ending where the uninterrupted run does. The torn last line of
+    metrics.jsonl is read as cut off by the crash, not as a traceback."""
+    full, out = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    rows = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(rows[:6]) + rows[6][:25])  # torn mid-row
+    newest = run / "checkpoints" / "step-00000030"
+    with open(newest / "model.safetensors", "r+b") as fh:
+        fh.truncate(100)
+    proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", run,
+                                        "--resume-from-checkpoint", "latest"], offline_env)
+    assert ("warning: step-00000030 is damaged (model.safetensors changed since it was "
+            "written); resuming from the checkpoint before it, step-00000028") in proc.stdout
+    assert "cut off by the crash" in proc.stdout
+    res = json.load(open(run / "results.json"))
+    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps"):
+        assert res[key] == full[key], key
+    epochs = [json.loads(line)["epoch"] for line in open(run / "metrics.jsonl")]
+    assert epochs == [0, 1, 2, 3, 4, 5, 6]
+    # a checkpoint named by its path is not second-guessed: refused as it is
+    with open(run / "checkpoints" / "step-00000030" / "model.safetensors", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(UserError, match="model.safetensors changed since it was written"):
+        read_checkpoint(str(run / "checkpoints" / "step-00000030"))
+
+
+def test_checkpoint_files_reach_the_disk_before_the_renames_that_publish_them(
+        tmp_path, monkeypatch):
+    """Crash safety: every file of a new folder and the file behind `latest` are fsync'ed
+    before the rename that makes them visible, and the folder after it."""
+    from common import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        ("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(
+        ("replace", str(a), str(b))), real_replace(a, b))[1])
+    tmp = tmp_path / ".tmp-step"
+    (tmp / "best").mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"weights")
+    (tmp / "best" / "model.json").write_text("{}")
+    files.replace_dir(str(tmp), str(tmp_path / "step"))
+    files.write_text(str(tmp_path / "latest"), "step\n")
+    moved = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("step")]
+    synced = {e[1]: i for i, e in enumerate(events) if e[0] == "fsync"}
+    assert synced[str(tmp / "model.safetensors")] < moved[0]
+    assert synced[str(tmp / "best" / "model.json")] < moved[0]
+    assert synced[str(tmp / "best")] < moved[0]
+    latest = next(i for i, e in enumerate(events) if e[0] == "replace" and
+                  e[2].endswith("latest"))
+    written = next(i for i, e in enumerate(events) if e[0] == "fsync" and
+                   os.path.basename(e[1]).startswith(".tmp-"))
+    assert written < latest
+    assert any(e == ("fsync", str(tmp_path)) for e in events[latest:])  # the rename itself
