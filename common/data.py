@@ -153,7 +153,35 @@ def load_hub_dataset(cfg):
         if val_classes != classes:
             raise UserError(f"--dataset {name}: the train and {val_name} splits name "
                             "different classes")
+    # a ClassLabel column is taken as it is: check it (image folders and labels encoded
+    # above are in range by construction)
+    check_label_range(train, len(classes), f"--dataset {name}", cfg.train_split)
+    check_label_range(val, len(classes), f"--dataset {name}", val_name or "held-out val")
     return train, val, classes
+
+
+def unknown_labels(flag, split, unknown):
+    """The error for val labels that train does not have (with and without --streaming)."""
+    return UserError(f"{flag}: the {split} split has labels that train does not "
+                     f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); "
+                     "every class needs training images")
+
+
+def label_out_of_range(flag, split, value, num_classes):
+    """The error for a label outside [0, num_classes): caught before any training, where it
+    would otherwise fail at the first loss (on CUDA as a device-side assert)."""
+    hint = (" (-1 marks an unlabelled example, as in many Hub test splits: pick a labelled "
+            "split with --val-split / --train-split)" if value == -1 else "")
+    return UserError(f"{flag}: the {split} split has label {value}, outside the "
+                     f"{num_classes} classes 0..{num_classes - 1}{hint}")
+
+
+def check_label_range(ds, num_classes, flag, split):
+    """Every label of `ds` in [0, num_classes), read from the label column alone."""
+    labels = torch.as_tensor(labels_of(ds), dtype=torch.long)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise label_out_of_range(flag, split, int(bad[0]), num_classes)
 
 
 def _encode_labels(ds, flag, split, classes=None):
@@ -176,9 +204,7 @@ def _encode_labels(ds, flag, split, classes=None):
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({str(v) for v in values} - set(index))
     if unknown:
-        raise UserError(f"{flag}: the {split} split has labels that train does not "
-                        f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); "
-                        "every class needs training images")
+        raise unknown_labels(flag, split, unknown)
     encoded = [index[str(v)] for v in values]
     # replace the column (no copy of the image bytes, as map() would make)
     ds = ds.remove_columns("label").add_column(

@@ -34,8 +34,10 @@ class StreamSplit:
     """One split of a streamed dataset: the IterableDataset (columns image, label, index),
     its size, class names, and label counts when a pass over the labels was made."""
 
-    def __init__(self, stream, size, label_index, counts):
+    def __init__(self, stream, size, label_index, counts, name="train", flag="--dataset",
+                 num_classes=0):
         self.stream, self.size, self.label_index, self.counts = stream, size, label_index, counts
+        self.name, self.flag, self.num_classes = name, flag, num_classes
 
     def __len__(self):
         return self.size
@@ -81,20 +83,30 @@ def load_streaming(cfg, name, val_names):
         splits[key] = (ds, split)
     train, _ = splits["train"]
     feature = (train.features or {}).get("label")
-    counts = None
+    counts, val_counts = None, None
+    flag = f"--dataset {name}"
     if isinstance(feature, datasets.ClassLabel):
         classes = feature.names
-    else:  # plain ints or strings: one pass over the label column (no image is read)
+        val_feature = (splits["val"][0].features or {}).get("label")
+        if isinstance(val_feature, datasets.ClassLabel) and val_feature.names != classes:
+            raise UserError(f"{flag}: the train and {val_name} splits name different classes")
+    else:  # plain ints or strings: one pass over the label columns (no image is read)
+        from common.data import unknown_labels
+
         counts = _label_pass(train)
         classes = [str(v) for v in sorted(counts)]
+        val_counts = _label_pass(splits["val"][0])  # as without --streaming: up front
+        unknown = sorted({str(v) for v in val_counts} - set(classes))
+        if unknown:
+            raise unknown_labels(flag, val_name, unknown)
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for key in ("train", "val"):
         ds, split = splits[key]
         info = dd[split].info.splits
         size = info[split].num_examples if info and split in info else None
-        if key == "train" and counts is not None:
-            size = sum(counts.values())
+        if counts is not None:
+            size = sum((counts if key == "train" else val_counts).values())
         elif size is None:  # the card does not say: count (labels only, no image is read)
             size = sum(_label_pass(ds).values())
         ds = ds.cast_column("image", datasets.Image(decode=False))
@@ -102,7 +114,8 @@ def load_streaming(cfg, name, val_names):
         if key == "train":
             ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
         out.append(StreamSplit(ds, size, None if isinstance(feature, datasets.ClassLabel)
-                               else index, counts if key == "train" else None))
+                               else index, counts if key == "train" else None,
+                               name=split, flag=flag, num_classes=len(classes)))
     print(f"--dataset {name} --streaming: {out[0].size} train / {out[1].size} "
           f"'{val_name}' images, {len(classes)} classes", file=sys.stderr)
     return out[0], out[1], classes
@@ -172,6 +185,16 @@ class StreamLoader:
                                            drop_last=self.steps is not None,
                                            pin_memory=self.device.type == "cuda")
 
+    def _check_labels(self, labels):
+        """A ClassLabel stream is not read up front: its labels are checked here, on the CPU
+        batch in the main process (no device sync; one line, not a device-side assert)."""
+        split = self.dataset.split
+        bad = labels[(labels < 0) | (labels >= split.num_classes)]
+        if split.num_classes and len(bad):
+            from common.data import label_out_of_range
+
+            raise label_out_of_range(split.flag, split.name, int(bad[0]), split.num_classes)
+
     def __iter__(self):
         done, skip, self._skip = 0, self._skip, 0
         while self.steps is None or done < self.steps:
@@ -179,6 +202,7 @@ class StreamLoader:
             for batch in self._batches():
                 produced = True
                 if done >= skip:
+                    self._check_labels(batch["labels"])
                     yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 done += 1
                 if self.steps is not None and done >= self.steps:

@@ -264,3 +264,49 @@ def test_hub_dataset_without_network_fails_fast_naming_local_options(tmp_path, o
     proc, _ = train(tmp_path, env, "--dataset", "beans")
     assert_one_line_error(proc, "--dataset beans: could not load it", "--data-dir DIR")
     assert time.time() - t0 < 120  # 10-35 s here, most of it imports; no endless retries
+
+
+def _classlabel_parquet(root, val_labels, val_names=("cat", "dog"), val_split="test"):
+    """A parquet dataset whose label column is a ClassLabel (kept in the parquet metadata,
+    as on the Hub): train labelled 0/1, the val split with `val_labels` (-1: unlabelled)."""
+    import datasets
+
+    out = root / "pq"
+    out.mkdir(parents=True)
+    for split, labels, names in (("train", [0, 1] * 4, ("cat", "dog")),
+                                 (val_split, val_labels, val_names)):
+        files = [write_image(str(root / "imgs" / split / f"{i}.png"),
+                             list(COLOURS.values())[max(lab, 0)], seed=i)
+                 for i, lab in enumerate(labels)]
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=list(names))})
+        datasets.Dataset.from_dict({"image": files, "label": labels}, features=features) \
+            .to_parquet(str(out / f"{split}-00000.parquet"))
+    return str(out)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_labels_outside_the_classes_are_one_line_before_training(tmp_path, offline_env,
+                                                                 streaming):
+    """A Hub `test` split with -1 labels ('unlabelled') used as val: refused naming the split
+    and the value, never a crash at the first loss (a device-side assert on CUDA)."""
+    path = _classlabel_parquet(tmp_path, [0, 1, -1, 1])
+    proc, out = train(tmp_path, offline_env, "--dataset", path,
+                      *(["--streaming"] if streaming else []))
+    assert_one_line_error(proc, f"--dataset {path}: the test split has label -1",
+                          "--val-split")
+    assert not (out / "results.json").exists()
+
+
+def test_streaming_val_label_unknown_to_train_is_the_same_error_as_without(
+        tmp_path, offline_env):
+    from test_data import _int_label_dataset
+
+    path = _int_label_dataset(tmp_path, [3, 7, 3, 7, 3, 7, 3, 7], [3, 9])
+    lines = []
+    for flags in ([], ["--streaming"]):
+        proc, _ = train(tmp_path / str(len(flags)), offline_env, "--dataset", path, *flags)
+        lines.append(assert_one_line_error(proc, "the validation split has labels that "
+                                                 "train does not (9)"))
+    assert lines[0] == lines[1]
+
