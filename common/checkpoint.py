@@ -91,6 +91,7 @@ class TrainState:
     num_processes: int = 1
     batch_size: int = 0
     gradient_accumulation_steps: int = 1
+    ema_updates: Optional[int] = None  # --model-ema: the average's update count
 
     @classmethod
     def from_dict(cls, d):

@@ -2,17 +2,26 @@
 
 Updated after every optimiser step the optimiser actually took; evaluated every epoch beside
 the live weights; whichever scores better on val can become best/. Its tensors go into every
-checkpoint (ema.safetensors), so a resumed run continues the same average. Every process
-keeps the same average: the weights it averages are the same on all of them.
+checkpoint (ema.safetensors) and its update count into the train state, so a resumed run
+continues the same average.
 
-The decay warms up as timm's ModelEmaV3 does for short runs: after t updates it is
+The average itself is timm's ModelEmaV3 (one `_foreach_lerp_` over the state's tensors, all
+on the model's device). Its decay warms up for short runs: after t updates it is
 min(--model-ema-decay, 1 - (1 + t) ** -0.75) (0.91 after 25 steps, 0.977 after 150), so an
 average over a few hundred steps follows the training instead of holding on to the new
-head's random start (a fixed 0.998 still weighs the start 0.74 after 150 steps).
+head's random start (a fixed 0.998 still weighs the start 0.74 after 150 steps). The count
+is a Python int: nothing is copied between host and device per update (torch's
+AveragedModel keeps its count in a CPU tensor and copies it to the GPU every step).
+
+On several processes the weights are the same on every rank, but BatchNorm statistics are
+each rank's own (DDP broadcasts rank 0's at each forward, then every rank updates them with
+its own batch): `sync` gives every rank rank 0's average before it is evaluated or saved, so
+all ranks score and keep the same model.
 """
 
 import torch
-from torch.optim.swa_utils import AveragedModel
+from accelerate.utils import broadcast
+from timm.utils.model_ema import ModelEmaV3
 
 WARMUP_POWER = 0.75  # timm: 3/4 for runs of up to ~100k steps, 2/3 for longer ones
 
@@ -23,32 +32,41 @@ def ema_decay(max_decay, updates):
 
 
 class ModelEma:
-    def __init__(self, module, decay):
-        self.max_decay, self.updates = decay, 0  # a Python count: no device sync per step
-        self.model = AveragedModel(module, multi_avg_fn=self._lerp, use_buffers=True)
-        self.model.eval()
-
-    @torch.no_grad()
-    def _lerp(self, averages, currents, _):
-        decay = ema_decay(self.max_decay, self.updates - 1)  # the first update copies
-        if torch.is_floating_point(averages[0]):
-            torch._foreach_lerp_(averages, currents, 1.0 - decay)
-        else:  # integer buffers (BatchNorm's num_batches_tracked): the latest value
-            for average, current in zip(averages, currents):
-                average.copy_(current)
+    def __init__(self, module, decay, updates=0):
+        self.updates = updates  # updates made (the train state keeps it across a resume)
+        # timm's step s gives decay 1 - s' ** -power with s' = s - 1 (0 at the first update:
+        # a copy), i.e. ema_decay(decay, s - 1); fp32 weights, so no stochastic rounding
+        self.ema = ModelEmaV3(module, decay=decay, use_warmup=True, warmup_power=WARMUP_POWER,
+                              stochastic_rounding=False)
 
     @torch.no_grad()
     def update(self, module):
         self.updates += 1
-        self.model.update_parameters(module)
+        self.ema.update(module, step=self.updates)
+
+    @torch.no_grad()
+    def sync(self, accelerator):
+        """Every process: rank 0's average (a no-op on one process)."""
+        if accelerator.num_processes == 1:
+            return
+        for t in self.ema.module.state_dict().values():
+            t.copy_(broadcast(t.clone(), from_process=0))
 
     @property
     def module(self):
-        return self.model.module
+        return self.ema.module
 
     def state_dict(self):
-        return self.model.state_dict()
+        return self.ema.module.state_dict()
 
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state)
-        self.updates = int(state["n_averaged"])
+    def load_state_dict(self, state, updates=None):
+        """Tensors of `state_dict()`; checkpoints written before the count moved to the train
+        state carry it as `n_averaged` (and their keys under `module.`)."""
+        state = dict(state)
+        n_averaged = state.pop("n_averaged", None)
+        state = {k[len("module."):] if k.startswith("module.") else k: v
+                 for k, v in state.items()}
+        self.ema.module.load_state_dict(state)
+        if updates is None and n_averaged is not None:
+            updates = int(n_averaged)
+        self.updates = int(updates or 0)

@@ -55,8 +55,11 @@ def make_loss(label_smoothing=0.0, class_weights=None):
     def loss(logits, labels):
         w = None
         if class_weights is not None:
-            w = weights.setdefault(logits.device, torch.as_tensor(
-                class_weights, dtype=logits.dtype, device=logits.device))
+            key = (logits.device, logits.dtype)
+            if key not in weights:  # once: a copy to the GPU per step would be a host sync
+                weights[key] = torch.as_tensor(class_weights, dtype=logits.dtype,
+                                               device=logits.device)
+            w = weights[key]
         return F.cross_entropy(logits, labels, weight=w, reduction="none",
                                label_smoothing=label_smoothing)
 

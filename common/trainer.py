@@ -84,7 +84,7 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
         _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, len(train_loader),
                       steps_per_epoch, output_dir)
         if ema is not None and "ema" in ckpt.extra:
-            ema.load_state_dict(ckpt.extra["ema"])
+            ema.load_state_dict(ckpt.extra["ema"], ckpt.state.ema_updates)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     _announce(accelerator, cfg, run, state, global_batch, steps_per_epoch, output_dir)
     # last, after everything that might draw random numbers: each rank's own stream
@@ -288,6 +288,7 @@ class _Loop:
         accelerator.print(_epoch_line("val", val_m))
         candidates = [("model", val_m)]
         if self.ema is not None and row["epoch"] > 0:
+            self.ema.sync(accelerator)  # every rank scores (and may keep) rank 0's average
             ema_m = evaluate(accelerator, self.ema.module, self.val_loader, run, self.metrics)
             accelerator.print(_epoch_line("val (EMA)", ema_m))
             candidates.append(("ema", ema_m))
@@ -420,6 +421,9 @@ class _Loop:
         state.num_processes = self.accelerator.num_processes
         state.batch_size = self.cfg.batch_size
         state.gradient_accumulation_steps = self.cfg.gradient_accumulation_steps
+        if self.ema is not None:
+            self.ema.sync(self.accelerator)
+            state.ema_updates = self.ema.updates
         return save_checkpoint(self.accelerator, self.output_dir, state, self.model,
                                self.optimizer, self.cfg.checkpoints_total_limit,
                                {"ema": self.ema.state_dict()} if self.ema else None)

@@ -183,12 +183,23 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path, offline_env):
     assert not marker.exists()
 
 
+def _no_network(env):
+    """No network, whatever this machine has: every request goes to a closed local port and
+    is refused at once (the Hub's HTTP client and torchvision's urllib both honour the proxy
+    variables), so these tests never download, with or without a network."""
+    for var in ("NO_PROXY", "no_proxy"):
+        env.pop(var, None)
+    env.update({v: "http://127.0.0.1:9" for v in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy",
+                                                  "http_proxy", "ALL_PROXY", "all_proxy")})
+    return env
+
+
 @pytest.mark.parametrize("model", ["resnet18", "timm:resnet18"])
 def test_no_network_for_pretrained_weights_fails_fast_naming_weights(tmp_path, offline_env,
                                                                      model):
     import time
 
-    env = dict(offline_env, TORCH_HOME=str(tmp_path / "torch"))  # nothing cached
+    env = _no_network(dict(offline_env, TORCH_HOME=str(tmp_path / "torch")))  # no cache
     env.pop("HF_HUB_OFFLINE")  # the probe must find out by itself
     root = make_image_folder(tmp_path / "data", counts={"train": 1, "val": 1})
     t0 = time.time()
@@ -257,7 +268,7 @@ def test_resume_from_a_folder_we_did_not_write_is_refused(tmp_path, offline_env)
 def test_hub_dataset_without_network_fails_fast_naming_local_options(tmp_path, offline_env):
     import time
 
-    env = dict(offline_env)
+    env = _no_network(dict(offline_env))
     env.pop("HF_HUB_OFFLINE")
     env.pop("HF_DATASETS_OFFLINE")
     t0 = time.time()

@@ -2,6 +2,7 @@
 epoch, DDP built again at the unfreeze, per-rank seeds."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from common.checkpoint import TrainState
 from common.config import FinetuneConfig
+from common.ema import ModelEma
 from common.engine import StopSignal, make_loss, train_one_epoch
 from common.optim import build_optimizer, build_scheduler, lr_factor
 from common.runtime import Run
@@ -41,14 +43,15 @@ class TinyNet(nn.Module):
         return self.head(self.body(x))
 
 
-def _run(model):
+def _run(model, loss=None):
     return Run(script="finetune", trained=model, export=model, head_names=("head",),
                model_heads=("head",), class_names=["a", "b"], preprocessing={},
-               channels_last=False, train_images=None, val_images=None, loss=make_loss(),
-               started=0.0)
+               channels_last=False, train_images=None, val_images=None,
+               loss=loss or make_loss(), started=0.0)
 
 
-def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None):
+def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None, loss=None,
+           ema_decay=None):
     """Prepare a tiny model/optimiser/loader and train one epoch; returns what it needs."""
     torch.manual_seed(0)
     model = TinyNet()
@@ -61,14 +64,17 @@ def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     state = TrainState()
     seen = []
+    ema = ModelEma(accelerator.unwrap_model(model), ema_decay) if ema_decay else None
 
     def hook(window, epoch_sums, bar):
         seen.append(accelerator.optimizer_step_was_skipped)
+        if ema is not None:  # as the trainer does after each optimiser step
+            ema.update(accelerator.unwrap_model(model))
         if on_step:
             on_step(window, epoch_sums, bar)
 
     totals, _ = train_one_epoch(accelerator, model, loader, optimizer, scheduler, state,
-                                _run(model), StopSignal(), hook)
+                                _run(model, loss), StopSignal(), hook)
     return dict(cfg=cfg, scheduler=scheduler, optimizer=optimizer, state=state,
                 totals=totals, skipped=seen, steps=len(loader))
 
@@ -90,22 +96,47 @@ def test_schedule_does_not_step_when_the_fp16_scaler_skips_the_optimiser_step():
 
 
 class SyncCounter:
-    """Counts the calls that copy a tensor to the host or talk to other processes, by
-    wrapping (not replacing) them."""
+    """Counts the calls that copy a tensor to the host or talk to other processes, and the
+    ones that would copy host data to a GPU (a tensor built from Python numbers, a `.to()`
+    or `.cuda()` that names a device), by wrapping (not replacing) them. On a CPU-only
+    machine these are no copies at all, but the same calls are on a GPU: counting the calls
+    finds a per-step copy without a GPU. The batches the prepared loader collates on the host
+    and moves to the device (non-blocking on a GPU) are the one expected per-step move, and
+    are not counted."""
 
     NAMES = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
              (torch.Tensor, "numpy"), (torch.Tensor, "__bool__"), (torch.Tensor, "__float__")]
+    BUILDS = [(torch, "tensor"), (torch, "as_tensor")]
+    MOVES = [(torch.Tensor, "to"), (torch.Tensor, "cuda")]
 
     def __init__(self, monkeypatch, accelerator):
-        self.count = 0
+        self.count, self.copies, self.where = 0, 0, []  # syncs; host-to-device copies
         for owner, name in self.NAMES:
-            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name))
+        for owner, name in self.BUILDS:
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name,
+                                                        copy=True))
+        for owner, name in self.MOVES:
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name, True,
+                                                        copy=True))
         for name in ("reduce", "gather", "gather_for_metrics"):
-            monkeypatch.setattr(accelerator, name, self._wrap(getattr(accelerator, name)))
+            monkeypatch.setattr(accelerator, name, self._wrap(getattr(accelerator, name), name))
 
-    def _wrap(self, fn):
+    def _wrap(self, fn, name, move=False, copy=False):
         def counted(*args, **kwargs):
-            self.count += 1
+            caller = sys._getframe(1).f_code.co_filename
+            if move and not (kwargs.get("device") is not None or name == "cuda" or any(
+                    isinstance(a, (torch.device, str)) for a in args[1:])):
+                return fn(*args, **kwargs)  # a dtype or memory-format change on the device
+            if move and caller.endswith(os.path.join("accelerate", "utils", "operations.py")):
+                return fn(*args, **kwargs)  # the loader's batch, moved once per step
+            if os.path.join("torch", "utils", "data") in caller:
+                return fn(*args, **kwargs)  # collating host tensors (in workers on a GPU)
+            if copy:
+                self.copies += 1
+            else:
+                self.count += 1
+            self.where.append(f"{name} from {os.path.basename(caller)}")
             return fn(*args, **kwargs)
         return counted
 
@@ -136,6 +167,21 @@ def test_an_epoch_syncs_with_the_host_a_fixed_number_of_times_not_once_per_step(
         counter = SyncCounter(m, accelerator)
         _epoch(accelerator, n=96, on_step=log_point)
     assert counter.count == counts[96] + 6 * 2
+
+
+def test_class_weights_and_the_ema_copy_nothing_to_the_device_per_step(monkeypatch):
+    """--class-weights auto and --model-ema on: still no host sync and no host-to-device
+    copy inside the step (the weights were once rebuilt on the device every step, and
+    torch's AveragedModel copied its CPU update count to the GPU at every update)."""
+    counts, where = {}, {}
+    for n in (16, 96):  # 4 and 24 optimiser steps
+        accelerator = Accelerator(cpu=True)
+        with monkeypatch.context() as m:
+            counter = SyncCounter(m, accelerator)
+            out = _epoch(accelerator, n=n, loss=make_loss(0.0, [0.7, 1.3]), ema_decay=0.99)
+        counts[n], where[n] = (counter.count, counter.copies), counter.where
+        assert out["totals"][2] == n
+    assert counts[16] == counts[96], where[96]
 
 
 def _ddp_rewrap_worker():
@@ -224,3 +270,39 @@ def test_cpu_runs_reuse_freed_memory_instead_of_faulting_it_in_again(tunables, o
         assert kept == "False" and faulted > plain[1] // 2
     else:
         assert kept == "True" and faulted < plain[1] // 5, (faulted, plain)
+
+
+def _ema_sync_worker():
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = ModelEma(accelerator.unwrap_model(model), 0.9)
+    for _ in range(3):  # each rank's own batches: its own BatchNorm statistics
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank + 1)) * (rank + 1)
+        accelerator.backward(model(x).pow(2).mean())
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(accelerator.unwrap_model(model))
+
+    def everyone(t):
+        out = [torch.zeros_like(t) for _ in range(2)]
+        dist.all_gather(out, t.contiguous())
+        return out
+
+    mean = ema.module[1].running_mean
+    assert not torch.equal(*everyone(mean)), "the ranks' statistics were already equal"
+    ema.sync(accelerator)
+    for t in ema.state_dict().values():
+        assert torch.equal(*everyone(t.float()))
+    assert ema.updates == 3
+
+
+def test_the_ema_is_rank_0s_on_every_rank_before_it_is_evaluated_or_saved():
+    debug_launcher(_ema_sync_worker, num_processes=2)

@@ -116,9 +116,22 @@ def test_results_and_export_carry_the_calibration_and_predict_applies_it(trained
     model, meta = load_exported(str(out))
     files = [os.path.join(data, "val", "dog", "0.jpg")]
     calibrated = predict(model, meta, files)[0][2]
-    raw = predict(model, dict(meta, temperature=1.0), files)[0][2]
-    if abs(meta["temperature"] - 1) > 1e-3:
-        assert calibrated != pytest.approx(raw, abs=1e-6)
+    assert calibrated == pytest.approx(_top_prob(model, meta, files[0], meta["temperature"]),
+                                       abs=1e-5)
+    # whatever temperature this run fitted, predict divides the logits by the one it is given
+    hot = predict(model, dict(meta, temperature=3.0), files)[0][2]
+    assert hot == pytest.approx(_top_prob(model, meta, files[0], 3.0), abs=1e-5)
+    assert hot != pytest.approx(_top_prob(model, meta, files[0], 1.0), abs=1e-4)
+
+
+def _top_prob(model, meta, path, temperature):
+    """The top class's probability of softmax(logits / temperature), computed here."""
+    from common.data import build_transforms
+
+    _, tf = build_transforms(meta["preprocessing"])
+    with torch.no_grad():
+        logits = model(tf(Image.open(path).convert("RGB"))[None])[0]
+    return (logits / temperature).softmax(-1).max().item()
 
 
 def test_tta_averages_the_mirror_image_in_predict_and_in_evaluation(trained, tmp_path,
