@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
 from common.imagecheck import drop_unreadable
+from common.runtime import launcher_chose_cpu
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -379,7 +380,7 @@ def default_num_workers(num_processes):
     at 73% of its bare forward+backward rate with 1 worker and 87% with none, and
     its features were extracted in 16.4 s with 1 worker, 14.4 s with none."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    per_process = 1 if torch.cuda.is_available() else torch.get_num_threads()
+    per_process = torch.get_num_threads() if launcher_chose_cpu() else 1
     return max(0, min(8, (cores - num_processes * per_process) // max(1, num_processes)))
 
 
@@ -408,7 +409,7 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
         return streaming_loaders(train, val, train_tf, eval_tf, cfg, PartialState(), workers,
                                  (train_side, eval_side))
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
-                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=workers > 0, pin_memory=not launcher_chose_cpu(),
                   worker_init_fn=_worker_ignores_stop_signals,
                   # a private generator: creating an iterator never draws from the global RNG
                   generator=torch.Generator().manual_seed(cfg.seed))

@@ -46,7 +46,7 @@ from common.data import (ImageDataset, decode_sizes, labels_of, train_order,
 from common.imagecheck import identity_digest
 from common.errors import UserError
 from common.models import in_heads
-from common.runtime import cpu_has_native_bf16, trim_host_memory
+from common.runtime import cpu_has_native_bf16, gpu_has_native_bf16, trim_host_memory
 
 FORMAT = 2
 
@@ -104,8 +104,8 @@ def extract_precision(cfg, device):
     where the device has it natively, where it is ~2x faster than fp32)."""
     if cfg.extract_precision != "auto":
         return cfg.extract_precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # Ampere or newer (a T4/V100 only emulates bf16)
+        return "bf16" if gpu_has_native_bf16(device) else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 

@@ -1,9 +1,12 @@
 """The Accelerator, the run folder and the seed: what every run sets up first.
 
-CPU multi-process trap (accelerate 1.15): a launcher config with `use_cpu: true` does not
-pass that on to the worker processes, so an Accelerator built without `cpu=True` on a machine
-without CUDA either fails or believes it is alone. We build it with `cpu=True` whenever CUDA
-is absent and then check that it sees as many processes as the launcher started.
+CPU multi-process trap (accelerate 1.15/1.16): a launcher config with `use_cpu: true` does
+not pass that on to the worker processes of a multi-process launch, so an Accelerator built
+without `cpu=True` on a machine without CUDA either fails or believes it is alone. We build
+it with `cpu=True` when the launcher asked for the CPU (`ACCELERATE_USE_CPU`, which
+`accelerate launch --cpu` and one-process `use_cpu: true` configs set) or CUDA is absent,
+and then check that it sees as many processes as the launcher started.
+accelerate_configs/cpu_2proc.yaml hides the GPUs from its workers itself (see there).
 """
 
 import ctypes
@@ -16,7 +19,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (DataLoaderConfiguration, broadcast_object_list,
+                               parse_flag_from_env, set_seed)
 
 from common.config import save_config
 from common.errors import UserError
@@ -67,6 +71,18 @@ def _output_dir(cfg, script, state):
     if state.num_processes > 1:
         broadcast_object_list(chosen)
     return chosen[0]
+
+
+def launcher_chose_cpu():
+    """Whether this run computes on the CPU: the launcher said so (`accelerate launch --cpu`,
+    a `use_cpu: true` config, ACCELERATE_USE_CPU=1), or there is no CUDA device."""
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def gpu_has_native_bf16(device=None):
+    """bf16 in hardware: compute capability 8 (Ampere) or newer. torch.cuda.is_bf16_supported()
+    also says yes on a T4 or V100 (7.x), where bf16 is emulated and slower than fp16/fp32."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def cpu_has_native_bf16():
@@ -172,7 +188,7 @@ def _check_output_dir(cfg, output_dir, is_main):
 
 def setup_run(cfg, script):
     """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
-    cpu = not torch.cuda.is_available()
+    cpu = launcher_chose_cpu()
     state = PartialState(cpu=cpu)  # starts torch.distributed when launched with N processes
     world = int(os.environ.get("WORLD_SIZE", 1))
     if state.num_processes != world:
@@ -194,7 +210,7 @@ def setup_run(cfg, script):
         # Batches are copied to the GPU without blocking the host (the loaders pin memory
         # when CUDA is there): a blocking copy would be a host sync per step.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
-                                                  non_blocking=torch.cuda.is_available()),
+                                                  non_blocking=not cpu),
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
     )
@@ -204,7 +220,8 @@ def setup_run(cfg, script):
         accelerator.print("warning: bf16 on a CPU without AMX/AVX512-BF16 is emulated and "
                           "slower than fp32; consider --mixed_precision no")
     if accelerator.mixed_precision == "no" and (
-            (not on_cpu and torch.cuda.is_bf16_supported()) or (on_cpu and cpu_has_amx())):
+            (not on_cpu and gpu_has_native_bf16(accelerator.device)) or
+            (on_cpu and cpu_has_amx())):
         accelerator.print("hint: this " + ("GPU" if not on_cpu else "CPU (AMX)") + " computes "
                           "bf16 natively, usually ~2x faster for training than fp32: "
                           "accelerate launch --mixed_precision bf16 ... (see benchmarks/README.md)")

@@ -306,3 +306,62 @@ def _ema_sync_worker():
 
 def test_the_ema_is_rank_0s_on_every_rank_before_it_is_evaluated_or_saved():
     debug_launcher(_ema_sync_worker, num_processes=2)
+
+
+LAUNCHER_CHOICE = """
+import os
+from accelerate.utils import parse_flag_from_env
+visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+print("rank", os.environ.get("RANK", "0"), "told", parse_flag_from_env("ACCELERATE_USE_CPU"),
+      "hidden", visible is not None and (visible == "" or visible.startswith("-1")))
+"""
+
+
+@pytest.mark.parametrize("config", ["cpu.yaml", "cpu_2proc.yaml"])
+def test_the_cpu_launcher_configs_keep_every_rank_on_the_cpu_even_beside_a_gpu(
+        config, tmp_path, offline_env):
+    """Each rank of a CPU config must build a CPU Accelerator whether or not the machine has
+    a GPU: either the launcher says so (ACCELERATE_USE_CPU) or the config hides the GPUs
+    (CUDA_VISIBLE_DEVICES). Read from the workers' own environment, not from whether CUDA is
+    there, so it fails here as on a GPU machine when a config would let a rank take a GPU."""
+    script = tmp_path / "choice.py"
+    script.write_text(LAUNCHER_CHOICE)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = dict(offline_env, PYTHONPATH=REPO)
+    env.pop("ACCELERATE_USE_CPU", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    out = subprocess.run([accelerate, "launch", "--config_file",
+                          os.path.join(REPO, "accelerate_configs", config), str(script)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank"))
+    nproc = 2 if config == "cpu_2proc.yaml" else 1
+    assert len(lines) == nproc, out.stdout + out.stderr
+    for line in lines:  # told to use the CPU (launcher_chose_cpu reads it), or no GPU seen
+        assert "told True" in line or "hidden True" in line, line
+
+
+def test_the_launchers_cpu_choice_wins_over_an_available_gpu(monkeypatch):
+    from common.runtime import launcher_chose_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert not launcher_chose_cpu()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # as `accelerate launch --cpu` sets it
+    assert launcher_chose_cpu()
+
+
+def test_bf16_counts_as_native_on_ampere_and_newer_only(monkeypatch):
+    """A T4 or V100 (compute capability 7.x) emulates bf16, although
+    torch.cuda.is_bf16_supported() says yes: --extract-precision auto stays fp32 there."""
+    from common.config import ExtractorConfig
+    from common.features import extract_precision
+    from common.runtime import gpu_has_native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = ExtractorConfig()
+    for capability, want in (((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"),
+                             ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+        assert gpu_has_native_bf16() == (want == "bf16")
+        assert extract_precision(cfg, torch.device("cuda")) == want, capability
