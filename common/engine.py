@@ -113,16 +113,32 @@ def train_step(accelerator, model, optimizer, batch, run, key=(0, 0, 0)):
     return per_sample.detach(), logits.detach()
 
 
-def _real_samples(accelerator, n):
+def last_batch_remainder(loader, num_processes):
+    """Real samples in the last global batch of an epoch of `loader` (0: it is full, nothing
+    padded), from the dataset's length and the global batch. Not Accelerate's
+    `gradient_state.remainder`: a loader resumed with `skip_first_batches` may report -1
+    there (its SkipBatchSampler hides the batch size), and the padding would then count."""
+    dataset = getattr(loader, "dataset", None)
+    if num_processes == 1 or dataset is None or \
+            isinstance(dataset, torch.utils.data.IterableDataset):
+        return 0  # one process pads nothing; --streaming drops the last partial batch
+    try:
+        batch = loader.total_batch_size
+    except Exception:  # not a prepared loader: per-process batch x processes
+        batch = loader.batch_size * num_processes
+    return len(dataset) % batch
+
+
+def _real_samples(accelerator, n, remainder):
     """Per-sample weights of this process's batch: 0 for the padding Accelerate adds to the
     last batch of an epoch on N processes, 1 elsewhere (as gather_for_metrics counts)."""
     gs = accelerator.gradient_state
-    if accelerator.num_processes == 1 or not gs.end_of_dataloader or gs.remainder <= 0:
+    if accelerator.num_processes == 1 or not gs.end_of_dataloader or remainder <= 0:
         return None
     # the gathered last batch is the processes' batches in rank order, all of size n, and
     # its first `remainder` samples are real
     first = accelerator.process_index * n
-    return (torch.arange(first, first + n, device=accelerator.device) < gs.remainder).float()
+    return (torch.arange(first, first + n, device=accelerator.device) < remainder).float()
 
 
 class Sums:
@@ -151,11 +167,15 @@ def reduce_sums(accelerator, sums, stop):
 
 
 def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run, stop,
-                    on_step):
+                    on_step, remainder=None):
     """Train on `loader` (the rest of epoch `state.epoch`, resumed sums included). After every
     optimiser step, `on_step(window, epoch_sums, bar)` may log, checkpoint or stop, and ends
     the epoch early by returning True; `window` holds the sums since the last log point and
-    is reset by whoever reduces it. Returns the epoch's sums over all processes."""
+    is reset by whoever reduces it. `remainder`: real samples in the epoch's last global
+    batch (last_batch_remainder of the whole epoch's loader; by default `loader`'s own).
+    Returns the epoch's sums over all processes."""
+    if remainder is None:
+        remainder = last_batch_remainder(loader, accelerator.num_processes)
     epoch_sums = Sums(accelerator.device, state.train_sums if accelerator.is_main_process
                       else (0.0, 0.0, 0.0))  # resumed mid-epoch: the earlier part, once
     window = Sums(accelerator.device)
@@ -165,7 +185,7 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
     for batch in bar:
         key = (state.epoch, state.batches_done, accelerator.process_index)
         per_sample, logits = train_step(accelerator, model, optimizer, batch, run, key)
-        weight = _real_samples(accelerator, len(per_sample))
+        weight = _real_samples(accelerator, len(per_sample), remainder)
         correct = (logits.argmax(-1) == batch["labels"]).float()
         epoch_sums.add(per_sample, correct, weight)
         window.add(per_sample, correct, weight)

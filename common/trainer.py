@@ -28,7 +28,8 @@ import torch
 from common.checkpoint import (TrainState, apply_checkpoint, load_checkpoint, restore_best,
                                restore_rng, save_checkpoint, set_aside_later_checkpoints)
 from common.data import set_epoch
-from common.engine import StopSignal, check_finite, evaluate, reduce_sums, train_one_epoch
+from common.engine import (StopSignal, check_finite, evaluate, last_batch_remainder,
+                           reduce_sums, train_one_epoch)
 from common.errors import UserError
 from common.calibration import expected_calibration_error, fit_temperature
 from common.card import model_card
@@ -267,7 +268,9 @@ class _Loop:
             train_t0 = time.time()
             (loss, correct, n), stopping = train_one_epoch(
                 accelerator, self.model, loader, self.optimizer, self.scheduler, state, run,
-                self.stop, self._on_step)
+                self.stop, self._on_step,
+                # of the whole epoch's loader, not of a resumed (skipping) one
+                last_batch_remainder(self.train_loader, accelerator.num_processes))
             # images/s of the whole loop (loading, forward, backward, step): what
             # benchmarks/loader_vs_model.py compares with the bare model
             train_m = dict(loss=loss / max(n, 1), accuracy=correct / max(n, 1),

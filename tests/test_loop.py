@@ -365,3 +365,29 @@ def test_bf16_counts_as_native_on_ampere_and_newer_only(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
         assert gpu_has_native_bf16() == (want == "bf16")
         assert extract_precision(cfg, torch.device("cuda")) == want, capability
+
+
+def _padding_worker():
+    from accelerate.data_loader import DataLoaderShard
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    # what a loader resumed with skip_first_batches reports on some Accelerate versions
+    # (its SkipBatchSampler hides the batch size): no remainder known
+    begin = DataLoaderShard.begin
+
+    def begin_without_remainder(self):
+        begin(self)
+        self.remainder = -1
+
+    DataLoaderShard.begin = begin_without_remainder
+    try:
+        out = _epoch(accelerator, n=21)  # 2 x 4 per step: the last global batch has 5 real
+    finally:
+        DataLoaderShard.begin = begin
+    assert out["totals"][2] == 21, out["totals"]
+
+
+def test_padding_is_left_out_of_train_sums_even_when_the_loader_knows_no_remainder():
+    debug_launcher(_padding_worker, num_processes=2)

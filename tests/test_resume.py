@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from common.checkpoint import read_checkpoint, resolve_checkpoint
 from common.errors import UserError
@@ -464,3 +465,42 @@ def test_checkpoint_files_reach_the_disk_before_the_renames_that_publish_them(
                    os.path.basename(e[1]).startswith(".tmp-"))
     assert written < latest
     assert any(e == ("fsync", str(tmp_path)) for e in events[latest:])  # the rename itself
+
+
+def test_two_processes_resumed_mid_epoch_end_as_the_uninterrupted_run(tmp_path, offline_env):
+    """2 processes, 21 images, global batch 8: 3 steps per epoch, the last batch padded
+    with 3 repeated images. Resumed from the checkpoint taken mid-epoch (what a kill -9
+    leaves behind), the run counts the same real samples in its train metrics and ends with
+    the uninterrupted run's metrics and weights. (21, not 18: 18 % 8 == 18 % 4, which hid
+    a loader resumed mid-epoch counting its remainder per process.)"""
+    from safetensors.torch import load_file
+
+    data = make_image_folder(tmp_path / "data", counts={"train": 7, "val": 3})
+    args = ["--data-dir", data, "--model", "timm:test_resnet", "--no-pretrained",
+            "--batch-size", "4", "--num-workers", "0", "--epochs", "2", "--seed", "3",
+            "--checkpointing-steps", "1", "--checkpoints-total-limit", "0",
+            "--report-to", "none", "--patience", "0"]
+    full = tmp_path / "full"
+    launch("train_finetune.py", [*args, "--output-dir", full], offline_env, nproc=2)
+    run = tmp_path / "run"  # what the killed run left: its checkpoints and metrics rows
+    shutil.copytree(full / "checkpoints", run / "checkpoints")
+    shutil.copy(full / "metrics.jsonl", run / "metrics.jsonl")
+    proc = launch("train_finetune.py", [*args, "--output-dir", run, "--resume-from-checkpoint",
+                                        run / "checkpoints" / "step-00000004"], offline_env,
+                  nproc=2)
+    assert "epoch 2, batch 1, optimiser step 4" in proc.stdout
+    want, got = ([json.loads(line) for line in open(out / "metrics.jsonl")]
+                 for out in (full, run))
+    assert [r["epoch"] for r in got] == [0, 1, 2]
+    assert [r["train_samples"] for r in got[1:]] == [21, 21]
+    for w, g in zip(want, got):
+        for key in ("train_samples", "train_accuracy", "val_accuracy", "val_samples"):
+            assert g.get(key) == w.get(key), (key, w["epoch"])
+        for key in ("train_loss", "val_loss"):
+            if w.get(key) is None:  # epoch 0 (the probe's model) trains nothing
+                assert g.get(key) is None
+            else:
+                assert g[key] == pytest.approx(w[key], rel=1e-5), (key, w["epoch"])
+    a, b = (load_file(str(out / "checkpoints" / "step-00000006" / "model.safetensors"))
+            for out in (full, run))
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
