@@ -92,6 +92,13 @@ class TrainState:
     batch_size: int = 0
     gradient_accumulation_steps: int = 1
     ema_updates: Optional[int] = None  # --model-ema: the average's update count
+    # the LR schedule's own position: behind `step` by the steps the fp16 GradScaler skipped
+    # (None in checkpoints written before it was kept: then `step`)
+    schedule_steps: Optional[int] = None
+
+    def schedule_position(self):
+        """Where a resumed LR schedule continues."""
+        return self.step if self.schedule_steps is None else self.schedule_steps
 
     @classmethod
     def from_dict(cls, d):
@@ -144,9 +151,6 @@ def _complete_checkpoints(root):
                   if d.startswith("step-") and os.path.isfile(os.path.join(root, d, MANIFEST)))
 
 
-_saved_here = set()  # checkpoint folders this process wrote (a step and an epoch end coincide)
-
-
 def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limit, extra=None):
     """All ranks (each writes its RNG states; the main one the rest) into a temporary folder,
     then (main) a manifest, an atomic rename to checkpoints/step-N, the `latest` pointer, and
@@ -156,8 +160,6 @@ def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limi
     root = os.path.join(output_dir, CHECKPOINTS)
     name = f"step-{state.step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-    if final in _saved_here:
-        return final
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -188,7 +190,6 @@ def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limi
         done = _complete_checkpoints(root)
         for old in done[:-total_limit] if total_limit else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _saved_here.add(final)
     accelerator.wait_for_everyone()
     return final
 

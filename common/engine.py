@@ -39,11 +39,17 @@ class StopSignal:
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def restore(self):
+        """Put back the handlers that were there before (a second run in one process)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def make_loss(label_smoothing=0.0, class_weights=None):
@@ -196,6 +202,7 @@ def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.step += 1
+            state.schedule_steps = scheduler.last_epoch  # what a checkpoint resumes
             if on_step(window, epoch_sums, bar):
                 break
     totals, stopping = reduce_sums(accelerator, epoch_sums, stop)

@@ -96,7 +96,10 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
 
     loop = _Loop(accelerator, cfg, run, state, model, optimizer, scheduler, train_loader,
                  val_loader, output_dir, frozen, ema)
-    val_m = loop.run_epochs()
+    try:
+        val_m = loop.run_epochs()
+    finally:  # a notebook's next run (or its Ctrl-C) gets the handlers it had before
+        loop.stop.restore()
     wall = loop.earlier_seconds + time.time() - run.started
     run.extra_results = dict(run.extra_results or {},
                              first_step_seconds=loop.first_step_seconds,
@@ -165,9 +168,11 @@ def _convert_progress(accelerator, cfg, state, loader_len, steps_per_epoch):
             f"optimiser steps ({accelerator.num_processes} x {cfg.batch_size} x "
             f"{cfg.gradient_accumulation_steps}). Resume with the same processes and "
             "--batch-size, or from an epoch-end checkpoint (any world size)")
+    skipped = state.step - state.schedule_position()  # by the fp16 GradScaler
     state.batches_done = samples // (cfg.batch_size * accelerator.num_processes)
     state.step = state.epoch * steps_per_epoch + state.batches_done // \
         cfg.gradient_accumulation_steps
+    state.schedule_steps = max(0, state.step - skipped)
     accelerator.print(f"resuming a checkpoint of {saved[0]} process(es) x batch {saved[1]} on "
                       f"{world[0]} x {world[1]}: epoch {state.epoch + 1}, batch "
                       f"{state.batches_done}/{loader_len}, optimiser step {state.step} (same "
@@ -179,7 +184,8 @@ def _apply_resume(accelerator, cfg, ckpt, model, optimizer, scheduler, loader_le
     state = ckpt.state
     _convert_progress(accelerator, cfg, state, loader_len, steps_per_epoch)
     apply_checkpoint(accelerator, ckpt, model, optimizer)
-    position_scheduler(scheduler, state.step)
+    # the schedule's own position: an fp16 run's schedule waited on the skipped steps
+    position_scheduler(scheduler, state.schedule_position())
     if accelerator.is_main_process:
         set_aside_later_checkpoints(output_dir, state.step)
         restore_best(output_dir, ckpt)
@@ -224,7 +230,8 @@ class _Loop:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.output_dir, self.frozen, self._metric_modules = output_dir, frozen, None
         self.ema, self.stopped_early, self.first_step_seconds = ema, None, None
-        self.stop = StopSignal()
+        self.stop = StopSignal()  # handlers of this run only: fit() puts the old ones back
+        self.saved_at, self.saved_path = None, None  # the last checkpoint this run wrote
         self.earlier_seconds = state.wall_seconds  # of the sessions before a resume
 
     def run_epochs(self):
@@ -236,6 +243,8 @@ class _Loop:
             if self.run.restart_heads is not None:
                 self._restart_heads()
         while state.epoch < max(cfg.epochs, 1):
+            if self._out_of_steps():  # a time box resumed with the same --max-train-steps
+                break
             stopping, val_m = self._epoch()
             if stopping:
                 self._stop()
@@ -257,7 +266,7 @@ class _Loop:
         accelerator, cfg, state, run = self.accelerator, self.cfg, self.state, self.run
         epoch_t0 = time.time()
         row = {"epoch": state.epoch + 1 if cfg.epochs else 0}
-        stopping = False
+        stopping = partial = False
         if cfg.epochs:
             self._phase()
             set_epoch(self.train_loader, state.epoch)
@@ -271,14 +280,28 @@ class _Loop:
                 self.stop, self._on_step,
                 # of the whole epoch's loader, not of a resumed (skipping) one
                 last_batch_remainder(self.train_loader, accelerator.num_processes))
+            # --max-train-steps can end the epoch early: its position is kept (a resumed
+            # time box trains the rest of this epoch), its row says it is partial, and its
+            # checkpoint is taken before the evaluation, like a mid-epoch one, so that the
+            # resumed run is the uninterrupted one
+            partial = state.batches_done < len(self.train_loader)
             # images/s of the whole loop (loading, forward, backward, step): what
             # benchmarks/loader_vs_model.py compares with the bare model
             train_m = dict(loss=loss / max(n, 1), accuracy=correct / max(n, 1),
                            samples=int(n), seconds=time.time() - train_t0)
             row.update({f"train_{k}": v for k, v in train_m.items()})
-            accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}\n"
-                              f"{_epoch_line('train', train_m)}")
+            accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}"
+                              + (f" (partial: batch {state.batches_done}/"
+                                 f"{len(self.train_loader)})" if partial else "")
+                              + f"\n{_epoch_line('train', train_m)}")
+            if partial:
+                row["partial"] = True
+                state.train_sums = [loss, correct, n]  # over all processes, as saved
+                if cfg.checkpointing_steps != "no":
+                    self._checkpoint()
         val_m = self._evaluate(row, epoch_t0)
+        if cfg.epochs and partial:
+            return stopping, val_m
         state.epoch, state.batches_done, state.train_sums = state.epoch + 1, 0, [0.0] * 3
         if cfg.epochs and (cfg.checkpointing_steps == "epoch" or stopping):
             self._checkpoint()
@@ -420,6 +443,8 @@ class _Loop:
 
     def _checkpoint(self):
         state = self.state
+        if self.saved_at == (state.step, state.epoch, state.batches_done):
+            return self.saved_path  # a step checkpoint and the epoch's end (or a stop) coincide
         state.wall_seconds = self.earlier_seconds + time.time() - self.run.started
         state.num_processes = self.accelerator.num_processes
         state.batch_size = self.cfg.batch_size
@@ -427,9 +452,11 @@ class _Loop:
         if self.ema is not None:
             self.ema.sync(self.accelerator)
             state.ema_updates = self.ema.updates
-        return save_checkpoint(self.accelerator, self.output_dir, state, self.model,
-                               self.optimizer, self.cfg.checkpoints_total_limit,
-                               {"ema": self.ema.state_dict()} if self.ema else None)
+        self.saved_path = save_checkpoint(
+            self.accelerator, self.output_dir, state, self.model, self.optimizer,
+            self.cfg.checkpoints_total_limit, {"ema": self.ema.state_dict()} if self.ema else None)
+        self.saved_at = (state.step, state.epoch, state.batches_done)
+        return self.saved_path
 
     def _stop(self):
         path = self._checkpoint()

@@ -1,6 +1,8 @@
 """The training loop in-process, with the real Accelerator: skipped fp16 steps, host syncs per
 epoch, DDP built again at the unfreeze, per-rank seeds."""
 
+import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -391,3 +393,32 @@ def _padding_worker():
 
 def test_padding_is_left_out_of_train_sums_even_when_the_loader_knows_no_remainder():
     debug_launcher(_padding_worker, num_processes=2)
+
+
+def test_a_resumed_fp16_schedule_continues_where_it_stood_not_at_the_step_count():
+    """The fp16 GradScaler skips steps and the schedule waits on them: a resumed run must
+    put its schedule where it stood (the train state keeps it), not at the optimiser-step
+    count, which is ahead by the skipped steps."""
+    from common.optim import position_scheduler
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 126)  # forced infs
+    out = _epoch(accelerator, n=40, scale=100.0)
+    state = out["state"]
+    skipped = sum(out["skipped"])
+    assert skipped > 0 and state.step == out["steps"]
+    assert state.schedule_steps == out["scheduler"].last_epoch == out["steps"] - skipped
+    # what a resume does with a saved TrainState: a fresh schedule, positioned
+    restored = TrainState.from_dict(json.loads(json.dumps(dataclasses.asdict(state))))
+    torch.manual_seed(0)
+    fresh = TinyNet()
+    optimizer = build_optimizer(out["cfg"], fresh, ("head",))
+    scheduler = build_scheduler(out["cfg"], optimizer, out["steps"])
+    position_scheduler(scheduler, restored.schedule_position())
+    assert scheduler.last_epoch == out["scheduler"].last_epoch
+    assert [g["lr"] for g in optimizer.param_groups] == \
+        pytest.approx([g["lr"] for g in out["optimizer"].param_groups])
+    # a checkpoint written before the position was kept: the step count, as before
+    legacy = TrainState.from_dict({k: v for k, v in dataclasses.asdict(state).items()
+                                   if k != "schedule_steps"})
+    assert legacy.schedule_position() == state.step

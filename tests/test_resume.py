@@ -504,3 +504,73 @@ def test_two_processes_resumed_mid_epoch_end_as_the_uninterrupted_run(tmp_path, 
     a, b = (load_file(str(out / "checkpoints" / "step-00000006" / "model.safetensors"))
             for out in (full, run))
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
+
+
+def test_a_time_box_keeps_its_place_in_the_epoch_and_resumes_as_the_uninterrupted_run(
+        data, uninterrupted, tmp_path, offline_env):
+    """--max-train-steps 7 stops 2 batches into epoch 2 (5 steps per epoch): its metrics row
+    says partial, its checkpoint keeps the position (not 'epoch 2 done'), and the run
+    resumed without the time box ends exactly as the uninterrupted one."""
+    full, _ = uninterrupted
+    out = tmp_path / "run"
+    proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
+                                        "--max-train-steps", "7"], offline_env)
+    assert "(partial: batch 2/5)" in proc.stdout
+    boxed = json.load(open(out / "results.json"))
+    assert boxed["optimizer_steps"] == 7
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(r["epoch"], r.get("partial", False)) for r in rows] == \
+        [(0, False), (1, False), (2, True)]
+    assert rows[-1]["train_samples"] == 8  # the 2 batches of 4 trained in epoch 2
+    state = json.load(open(out / "checkpoints" / "step-00000007" / "train_state.json"))
+    assert (state["train_state"]["epoch"], state["train_state"]["batches_done"]) == (1, 2)
+    assert open(out / "checkpoints" / "latest").read().strip() == "step-00000007"
+    launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
+                                 "--resume-from-checkpoint", "latest"], offline_env)
+    res = json.load(open(out / "results.json"))
+    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps",
+                "best_confusion_matrix"):
+        assert res[key] == full[key], key
+    assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert not any(r.get("partial") for r in rows)
+
+
+TWICE = """
+import json, os, signal, sys
+from train_finetune import main
+data, out = sys.argv[1], sys.argv[2]
+args = ["--data-dir", data, "--model", "timm:test_resnet", "--no-pretrained", "--batch-size",
+        "4", "--num-workers", "0", "--epochs", "2", "--checkpointing-steps", "2",
+        "--checkpoints-total-limit", "0", "--report-to", "none", "--output-dir", out]
+mine = lambda signum, frame: None
+signal.signal(signal.SIGTERM, mine)
+first = main(args)
+print("after 1:", signal.getsignal(signal.SIGTERM) is mine,
+      signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+for d in sorted(os.listdir(os.path.join(out, "checkpoints"))):
+    os.utime(os.path.join(out, "checkpoints", d), (0, 0))  # mark the first run's folders
+second = main(args + ["--overwrite-output-dir", "--seed", "5"])
+root = os.path.join(out, "checkpoints")
+fresh = [d for d in sorted(os.listdir(root)) if d.startswith("step-")
+         and os.stat(os.path.join(root, d)).st_mtime > 0]
+print("second run's checkpoints:", ",".join(fresh))
+print("latest:", open(os.path.join(root, "latest")).read().strip())
+"""
+
+
+def test_main_twice_in_one_process_saves_every_checkpoint_and_restores_signal_handlers(
+        data, tmp_path, offline_env):
+    """A notebook calls main() again on the same folder: the second run writes its own
+    checkpoints (a module-level 'already saved' set once skipped them), and each run hands
+    back the SIGTERM/SIGINT handlers it found."""
+    proc = subprocess.run([sys.executable, "-c", TWICE, data, str(tmp_path / "run")],
+                          cwd=REPO, env=dict(offline_env, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after 1: True True" in proc.stdout, proc.stdout
+    # 18 images / batch 4 = 5 steps per epoch: a checkpoint every 2 of its 10 steps
+    assert ("second run's checkpoints: step-00000002,step-00000004,step-00000006,"
+            "step-00000008,step-00000010") in proc.stdout, proc.stdout
+    assert "latest: step-00000010" in proc.stdout
