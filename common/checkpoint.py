@@ -263,9 +263,11 @@ def _read_inside(path, rel):
         return fh.read()
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, keep_best=True):
     """Read every file of a checkpoint once, check it against the manifest, parse it with a
-    parser that cannot run code (JSON, safetensors, torch.load weights_only=True)."""
+    parser that cannot run code (JSON, safetensors, torch.load weights_only=True).
+    `keep_best`: keep the bytes of best/ (the main process restores it); other processes
+    only check them, so that every process takes or refuses the same checkpoint."""
     try:
         with open(os.path.join(path, MANIFEST)) as fh:
             manifest = json.load(fh)
@@ -287,6 +289,8 @@ def read_checkpoint(path):
             raise _refuse(path, rel, "is a link or not a regular file")
         if not isinstance(digest, str) or hashlib.sha256(raw[rel]).hexdigest() != digest:
             raise _refuse(path, rel, "changed since it was written")
+        if rel.startswith("best/") and not keep_best:
+            raw[rel] = b""  # checked; not held (the predictions file can be large)
 
     def parse(rel, kind):
         if rel not in raw:
@@ -301,44 +305,47 @@ def read_checkpoint(path):
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 return torch.load(io.BytesIO(raw[rel]), map_location="cpu", weights_only=True)
         except Exception as e:  # the parsers' own errors, e.g. an UnpicklingError
+            # its bytes are the ones the manifest names: made so, not cut short by a crash,
+            # so `latest` does not fall back past it
             raise _refuse(path, rel, f"is not a valid {kind} file "
-                                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                          damaged=False)
 
     doc = parse("train_state.json", "json")
     if not isinstance(doc, dict) or not isinstance(doc.get("train_state"), dict):
         raise _refuse(path, "train_state.json", "holds no train state")
     rng, best, extra = {}, {}, {}
-    for rel in raw:
+    for rel in list(raw):
         if "/" not in rel and rel.endswith(".safetensors") and rel != "model.safetensors":
             extra[rel[:-len(".safetensors")]] = parse(rel, "safetensors")
         elif rel.startswith("rng-") and rel.endswith(".json"):
             rng[int(rel[4:-5])] = parse(rel, "json")
-        elif rel.startswith("best/"):
+        elif rel.startswith("best/") and keep_best:
             if rel.endswith(".json"):
                 parse(rel, "json")
             elif rel.endswith(".safetensors"):
                 parse(rel, "safetensors")
-            best[rel[5:]] = raw[rel]
+            best[rel[5:]] = raw.pop(rel)
     return Checkpoint(path=path, state=TrainState.from_dict(doc["train_state"]),
                       model=parse("model.safetensors", "safetensors"),
                       optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
                       rng=rng, best=best, extra=extra)
 
 
-def load_checkpoint(arg, output_dir, say=print):
+def load_checkpoint(arg, output_dir, say=print, keep_best=True):
     """The checkpoint named by `--resume-from-checkpoint arg`, read and checked. For `latest`,
     a newest checkpoint that fails its digests (a crash or a full disk cut it short after
     the pointer moved) is passed over for the one before it, saying so in one line; a
     checkpoint named by its path is taken or refused as it is."""
     first = resolve_checkpoint(arg, output_dir)
     if arg != "latest":
-        return read_checkpoint(first)
+        return read_checkpoint(first, keep_best)
     root = os.path.join(output_dir, CHECKPOINTS)
     candidates = [first] + [os.path.join(root, d) for d in reversed(_complete_checkpoints(root))
                             if os.path.join(root, d) != first]
     for i, path in enumerate(candidates):
         try:
-            return read_checkpoint(path)
+            return read_checkpoint(path, keep_best)
         except DamagedCheckpoint as e:
             if i + 1 == len(candidates):
                 raise

@@ -246,10 +246,11 @@ def evaluate(accelerator, model, loader, run, metrics):
     index, first = _first_of_each(gathered[3])
     losses, preds, labels, _, prob, logits = (t[first] for t in gathered)
     out = compute_metrics(metrics, preds, labels, run.class_names)
+    # per image, as CPU tensors: the best epoch's go to best/predictions.safetensors (main
+    # process), never into the train state
     out.update(loss=losses.mean().item(), samples=len(labels),
-               predictions={"index": index.tolist(), "pred": preds.tolist(),
-                            "label": labels.tolist(), "prob": prob.tolist(),
-                            "loss": losses.tolist(), "logits": logits.tolist()})
+               predictions={"index": index, "pred": preds, "label": labels, "prob": prob,
+                            "loss": losses, "logits": logits})
     return out
 
 

@@ -29,14 +29,21 @@ def cpu_state_dict(state):
             .contiguous() for k, v in state.items()}
 
 
-def export_model(state, out_dir, meta, model=None):
+PREDICTIONS = "predictions.safetensors"
+
+
+def export_model(state, out_dir, meta, model=None, predictions=None):
     """Write a model's weights (a module or its state dict) and `meta` to `out_dir`,
     replacing any previous export whole. For a timm `model` (its architecture), also timm's
     own config.json with the class names, which makes the folder a timm/Hub model folder:
     `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds it, `huggingface-cli
-    upload` publishes it."""
+    upload` publishes it. `predictions`: the model's val predictions per image (tensors by
+    name), kept beside it as predictions.safetensors for the run's pictures and figures."""
     tmp = new_temp_dir(os.path.dirname(os.path.abspath(out_dir)), ".export-")
     save_file(cpu_state_dict(state), os.path.join(tmp, "model.safetensors"))
+    if predictions is not None:
+        save_file({k: v.contiguous() for k, v in predictions.items()},
+                  os.path.join(tmp, PREDICTIONS))
     write_json(os.path.join(tmp, "model.json"), dict(format=EXPORT_FORMAT, **meta))
     if model is not None and hasattr(model, "pretrained_cfg"):  # timm
         from timm.models._hub import save_config_for_hf
@@ -44,6 +51,12 @@ def export_model(state, out_dir, meta, model=None):
         save_config_for_hf(model, os.path.join(tmp, "config.json"),
                            model_config={"label_names": list(meta["class_names"])})
     replace_dir(tmp, out_dir)
+
+
+def load_predictions(out_dir):
+    """The val predictions an export holds (tensors by name), or None."""
+    path = os.path.join(out_dir, PREDICTIONS)
+    return load_file(path) if os.path.isfile(path) else None
 
 
 def update_export(out_dir, meta=None, files=None):

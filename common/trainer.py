@@ -33,11 +33,11 @@ from common.engine import (StopSignal, check_finite, evaluate, last_batch_remain
 from common.errors import UserError
 from common.calibration import expected_calibration_error, fit_temperature
 from common.card import model_card
-from common.export import export_model, update_export
+from common.export import export_model, load_predictions, update_export
 from common.files import append_jsonl, read_jsonl, write_json, write_jsonl
 from common.ema import ModelEma
 from common.lr_finder import find_lr
-from common.metrics import load_metrics, score, wilson_interval
+from common.metrics import compute_metrics, load_metrics, score, wilson_interval
 from common.models import freeze_backbone, set_train_mode
 from common.optim import build_scheduler, group_lrs, position_scheduler, set_peak_lr
 from common.runtime import bare_model, rewrap_ddp, seed_for_training
@@ -91,6 +91,7 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
     # last, after everything that might draw random numbers: each rank's own stream
     if ckpt:
         restore_rng(accelerator, ckpt, cfg.seed)
+        del ckpt  # applied: its tensors (a model and optimiser's worth) are not held all run
     else:
         seed_for_training(accelerator, cfg.seed)
 
@@ -106,14 +107,15 @@ def fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir):
                              peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                                / 1024, 1))  # of the main process
     return _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
-                   output_dir, loop.stopped_early)
+                   output_dir, loop.stopped_early, loop.metrics)
 
 
 def _read_resume(accelerator, cfg, output_dir):
     """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
     if not cfg.resume_from_checkpoint:
         return None
-    return load_checkpoint(cfg.resume_from_checkpoint, output_dir, accelerator.print)
+    return load_checkpoint(cfg.resume_from_checkpoint, output_dir, accelerator.print,
+                           keep_best=accelerator.is_main_process)  # only it restores best/
 
 
 def _set_phase(accelerator, model, run, frozen):
@@ -413,13 +415,12 @@ class _Loop:
         new_score = score(val_m, self.cfg.select_metric)
         if state.best is not None and new_score <= state.best["score"]:
             return
+        # scalars only: the train state goes into every checkpoint, on every process; the
+        # predictions per image (50k x 1000 logits is ~1 GB as JSON) go to best/ below
         state.best = {"epoch": row["epoch"], "score": new_score, "source": source,
                       "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"],
                       "val_macro_f1": val_m["macro_f1"],
-                      "val_balanced_accuracy": val_m["balanced_accuracy"],
-                      "val_per_class": val_m["per_class"],
-                      "confusion_matrix": val_m["confusion_matrix"],
-                      "predictions": val_m["predictions"]}
+                      "val_balanced_accuracy": val_m["balanced_accuracy"]}
         if accelerator.is_main_process:
             module = self.ema.module if source == "ema" else \
                 bare_model(accelerator, self.model)
@@ -428,7 +429,8 @@ class _Loop:
                               heads=list(self.run.model_heads),
                               preprocessing=self.run.preprocessing, epoch=row["epoch"],
                               weights=source, val_accuracy=val_m["accuracy"],
-                              val_samples=val_m["samples"]), model=self.run.export)
+                              val_samples=val_m["samples"]), model=self.run.export,
+                         predictions=val_m["predictions"])
 
     def _export_state(self, module):
         """The whole network's state with `module` (the trained module or its EMA) in it."""
@@ -472,10 +474,25 @@ def _epoch_line(phase, m):
     return f"{phase} Loss: {m['loss']:.4f} Acc: {m['accuracy']:.4f}"
 
 
+def _best_predictions(best, output_dir, metrics, class_names):
+    """Main process: the best model's val predictions (lists by name) from best/, and its
+    per-class figures and confusion matrix computed from them. A checkpoint written before
+    they moved to best/ carries them in its train state."""
+    loaded = load_predictions(os.path.join(output_dir, "best"))
+    if loaded is None and "predictions" in best:
+        loaded = {k: torch.as_tensor(v) for k, v in best["predictions"].items()}
+    m = compute_metrics(metrics, loaded["pred"], loaded["label"], class_names)
+    return {k: v.tolist() for k, v in loaded.items()}, m["per_class"], m["confusion_matrix"]
+
+
 def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, wall,
-            output_dir, stopped_early):
+            output_dir, stopped_early, metrics):
     best = state.best
     n_val = val_m["samples"]
+    predictions = per_class = confusion = None  # read from best/ by the main process only
+    if accelerator.is_main_process:
+        predictions, per_class, confusion = _best_predictions(best, output_dir, metrics,
+                                                              run.class_names)
     low, high = wilson_interval(round(best["val_accuracy"] * n_val), n_val)
     results = dict(
         script=run.script, model=cfg.model, best_val_accuracy=best["val_accuracy"],
@@ -489,21 +506,21 @@ def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, 
         global_batch_size=global_batch, steps_per_epoch=steps_per_epoch,
         optimizer_steps=state.step, wall_seconds=round(wall, 2), lr=state.lr or cfg.lr,
         final_val_accuracy=val_m["accuracy"], final_val_loss=val_m["loss"],
-        class_names=run.class_names, best_val_per_class=best["val_per_class"],
-        best_confusion_matrix=best["confusion_matrix"], **(run.extra_results or {}))
+        class_names=run.class_names, best_val_per_class=per_class,
+        best_confusion_matrix=confusion, **(run.extra_results or {}))
     set_summary(accelerator, {k: results[k] for k in ("best_val_accuracy", "best_val_loss",
                                                       "best_val_macro_f1", "best_epoch")})
     if accelerator.is_main_process:
-        _calibrate(best, results)
+        _calibrate(predictions, results)
         write_json(os.path.join(output_dir, "results.json"), results)
         pictures = {
             "confusion_matrix": confusion_matrix_png(
-                best["confusion_matrix"], run.class_names,
+                confusion, run.class_names,
                 os.path.join(output_dir, "confusion_matrix.png"),
                 f"Best epoch {best['epoch']} on val"),
-            "predictions": prediction_grid_png(run.val_images, best["predictions"], run,
+            "predictions": prediction_grid_png(run.val_images, predictions, run,
                                                os.path.join(output_dir, "predictions.png")),
-            "top_losses": top_losses_png(run.val_images, best["predictions"], run,
+            "top_losses": top_losses_png(run.val_images, predictions, run,
                                          os.path.join(output_dir, "top_losses.png"))}
         log_pictures(accelerator, {k: v for k, v in pictures.items() if v}, state.step)
         _finish_export(cfg, run, results, os.path.join(output_dir, "best"),
@@ -515,9 +532,9 @@ def _finish(accelerator, cfg, run, state, val_m, global_batch, steps_per_epoch, 
     return results
 
 
-def _calibrate(best, results):
+def _calibrate(predictions, results):
     """Temperature scaling of the best model on its val logits (common/calibration.py)."""
-    logits, labels = best["predictions"]["logits"], best["predictions"]["label"]
+    logits, labels = predictions["logits"], predictions["label"]
     t = fit_temperature(logits, labels)
     results.update(temperature=round(t, 4),
                    val_ece=round(expected_calibration_error(logits, labels), 4),

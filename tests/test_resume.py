@@ -574,3 +574,31 @@ def test_main_twice_in_one_process_saves_every_checkpoint_and_restores_signal_ha
     assert ("second run's checkpoints: step-00000002,step-00000004,step-00000006,"
             "step-00000008,step-00000010") in proc.stdout, proc.stdout
     assert "latest: step-00000010" in proc.stdout
+
+
+def test_checkpoints_keep_scalars_in_the_train_state_and_predictions_in_best(
+        uninterrupted, tmp_path):
+    """Per-image predictions (logits of every val image) once rode in every checkpoint's
+    train_state.json, as Python lists on every process: ~1 GB at 50k images x 1000 classes.
+    They are one file under best/ now, written and read by the main process only."""
+    from safetensors.torch import load_file
+
+    full, out = uninterrupted
+    doc = json.load(open(out / "checkpoints" / "step-00000030" / "train_state.json"))
+    best = doc["train_state"]["best"]
+    assert all(isinstance(v, (int, float, str)) for v in best.values()), best
+    preds = load_file(str(out / "best" / "predictions.safetensors"))
+    assert preds["logits"].shape == (full["val_samples"], len(full["class_names"]))
+    assert sorted(preds["index"].tolist()) == list(range(full["val_samples"]))
+    assert (preds["pred"] == preds["label"]).double().mean().item() == \
+        full["best_val_accuracy"]
+    assert (out / "checkpoints" / "step-00000030" / "best" / "predictions.safetensors").exists()
+    # the processes other than the main one check best/ but do not hold it
+    ckpt = read_checkpoint(str(out / "checkpoints" / "step-00000030"), keep_best=False)
+    assert ckpt.best == {} and ckpt.state.best == best
+    tampered = tmp_path / "t"
+    shutil.copytree(out / "checkpoints" / "step-00000030", tampered)
+    with open(tampered / "best" / "predictions.safetensors", "r+b") as fh:
+        fh.truncate(64)
+    with pytest.raises(UserError, match="predictions.safetensors changed"):
+        read_checkpoint(str(tampered), keep_best=False)
