@@ -26,13 +26,14 @@ import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import pyarrow
 import torch
 from torchvision.transforms import v2
 
 from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
 from common.imagecheck import drop_unreadable
-from common.runtime import launcher_chose_cpu
+from common.runtime import keep_host_memory, launcher_chose_cpu
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -426,12 +427,15 @@ def load_data(cfg, accelerator):
     (the compact copy shipped with the package; --download-original-data: the original
     archive, downloaded into data/ by the main process first), without the images that do
     not decode."""
+    _arrow_memory_that_returns()
     if cfg.streaming:  # nothing is checked or cached up front (common/streaming.py)
         from common.streaming import load_streaming
 
         with contextlib.redirect_stderr(sys.stderr if accelerator.is_main_process
                                         else io.StringIO()):
-            return load_streaming(cfg, cfg.dataset, VAL_SPLIT_FALLBACKS)
+            splits = load_streaming(cfg, cfg.dataset, VAL_SPLIT_FALLBACKS)
+        keep_host_memory(accelerator.device)  # as below
+        return splits
     if cfg.dataset:
         with accelerator.main_process_first():  # one process fills the datasets cache
             train, val, classes = load_hub_dataset(cfg)
@@ -452,4 +456,23 @@ def load_data(cfg, accelerator):
     val = drop_unreadable(val, "val", cfg.strict_images, accelerator, workers)
     if len(train) == 0 or len(val) == 0:
         raise UserError("no readable images left in train or val; check the data")
+    pyarrow.default_memory_pool().release_unused()
+    # from here on, the training steps keep their freed memory for the next step (not while
+    # loading: the conversion's freed buffers would stay in the heap for the whole run)
+    keep_host_memory(accelerator.device)
     return train, val, classes
+
+
+def _arrow_memory_that_returns():
+    """The first load of a parquet (Hub) set converts it into datasets' Arrow cache, a row
+    group (up to ~100 MB of images) at a time. pyarrow's default allocator in its wheels,
+    mimalloc, kept every row group's memory: the first run's anonymous memory grew with the
+    data (peak +240 MB at 20k images of 9 KB, +400 MB at 60k, held to the end of the run),
+    while a second run, from the cache, stayed flat. jemalloc with immediate purging hands
+    each row group back: the conversion then costs about one row group's worth, whatever
+    the number of files (benchmarks/scale.py --evaluate-only; benchmarks/README.md)."""
+    try:
+        pyarrow.jemalloc_set_decay_ms(0)
+        pyarrow.set_memory_pool(pyarrow.jemalloc_memory_pool())
+    except NotImplementedError:  # a pyarrow built without jemalloc: keep its default
+        pass

@@ -33,6 +33,19 @@ def uninterrupted(data, tmp_path_factory, offline_env):
     return json.load(open(out / "results.json")), out
 
 
+def assert_ends_as_uninterrupted(out, full):
+    """The run in `out` ended as the uninterrupted one: the same final and best metrics and
+    steps, and one metrics row per epoch (0: the probe), none left over or partial."""
+    res = json.load(open(out / "results.json"))
+    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps",
+                "best_confusion_matrix"):
+        assert res[key] == full[key], key
+    assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert not any(r.get("partial") for r in rows)
+
+
 def _latest_step(out):
     try:
         return int(open(os.path.join(out, "checkpoints", "latest")).read().split("-")[1])
@@ -69,13 +82,7 @@ def test_kill_9_mid_epoch_then_resume_latest_matches_uninterrupted(
     proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
                                         "--resume-from-checkpoint", "latest"], offline_env)
     assert "Resuming from" in proc.stdout
-    res = json.load(open(out / "results.json"))
-    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps",
-                "best_confusion_matrix"):
-        assert res[key] == full[key], key
-    assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # 0: the probe; no duplicates
+    assert_ends_as_uninterrupted(out, full)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(data, uninterrupted, tmp_path,
@@ -424,11 +431,7 @@ def test_latest_cut_short_by_a_crash_falls_back_to_the_checkpoint_before_it(
     assert ("warning: step-00000030 is damaged (model.safetensors changed since it was "
             "written); resuming from the checkpoint before it, step-00000028") in proc.stdout
     assert "cut off by the crash" in proc.stdout
-    res = json.load(open(run / "results.json"))
-    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps"):
-        assert res[key] == full[key], key
-    epochs = [json.loads(line)["epoch"] for line in open(run / "metrics.jsonl")]
-    assert epochs == [0, 1, 2, 3, 4, 5, 6]
+    assert_ends_as_uninterrupted(run, full)
     # a checkpoint named by its path is not second-guessed: refused as it is
     with open(run / "checkpoints" / "step-00000030" / "model.safetensors", "r+b") as fh:
         fh.truncate(100)
@@ -527,14 +530,7 @@ def test_a_time_box_keeps_its_place_in_the_epoch_and_resumes_as_the_uninterrupte
     assert open(out / "checkpoints" / "latest").read().strip() == "step-00000007"
     launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", out,
                                  "--resume-from-checkpoint", "latest"], offline_env)
-    res = json.load(open(out / "results.json"))
-    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch", "optimizer_steps",
-                "best_confusion_matrix"):
-        assert res[key] == full[key], key
-    assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
-    assert not any(r.get("partial") for r in rows)
+    assert_ends_as_uninterrupted(out, full)
 
 
 TWICE = """
