@@ -164,7 +164,7 @@ EOF5
 fi
 
 # host syncs per epoch of the loop (CUDA's own sync debug mode)
-python3 benchmarks/loop_syncs.py 2>&1 | grep -v "it/s" | tee -a "$SUMMARY"
+python3 benchmarks/loop_syncs.py 2> "$OUT/loop_syncs.err" | tee -a "$SUMMARY"  # (bars: stderr)
 
 echo
 echo "== GPU check: $(( $(date +%s) - START )) s =="

@@ -31,8 +31,11 @@ from common.engine import make_loss  # noqa: E402
 from test_loop import _epoch  # noqa: E402
 
 
-VARIANTS = {"plain": {}, "class weights + EMA": dict(loss=make_loss(0.0, [0.7, 1.3]),
-                                                     ema_decay=0.99)}
+# built anew for every epoch measured: a loss shared between them would build its class
+# weights in the first epoch only, and the two counts would differ by that one copy
+VARIANTS = {"plain": lambda: {},
+            "class weights + EMA": lambda: dict(loss=make_loss(0.0, [0.7, 1.3]),
+                                                ema_decay=0.99)}
 
 
 def cuda_syncs(accelerator, n, **variant):
@@ -51,9 +54,10 @@ def main():
     # as common/runtime.py builds it: non-blocking copies of pinned batches
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(non_blocking=True))
-    for name, variant in VARIANTS.items():
+    for name, make_variant in VARIANTS.items():
         counts = []
         for steps in (8, 32):
+            variant = make_variant()
             if torch.cuda.is_available():
                 count = cuda_syncs(accelerator, steps * 4, **variant)
             else:
