@@ -427,14 +427,15 @@ def load_data(cfg, accelerator):
     (the compact copy shipped with the package; --download-original-data: the original
     archive, downloaded into data/ by the main process first), without the images that do
     not decode."""
-    _arrow_memory_that_returns()
+    previous_pool = _arrow_memory_that_returns()
     if cfg.streaming:  # nothing is checked or cached up front (common/streaming.py)
         from common.streaming import load_streaming
 
         with contextlib.redirect_stderr(sys.stderr if accelerator.is_main_process
                                         else io.StringIO()):
             splits = load_streaming(cfg, cfg.dataset, VAL_SPLIT_FALLBACKS)
-        keep_host_memory(accelerator.device)  # as below
+        _arrow_memory_back(previous_pool)  # as below
+        keep_host_memory(accelerator.device)
         return splits
     if cfg.dataset:
         with accelerator.main_process_first():  # one process fills the datasets cache
@@ -456,7 +457,7 @@ def load_data(cfg, accelerator):
     val = drop_unreadable(val, "val", cfg.strict_images, accelerator, workers)
     if len(train) == 0 or len(val) == 0:
         raise UserError("no readable images left in train or val; check the data")
-    pyarrow.default_memory_pool().release_unused()
+    _arrow_memory_back(previous_pool)
     # from here on, the training steps keep their freed memory for the next step (not while
     # loading: the conversion's freed buffers would stay in the heap for the whole run)
     keep_host_memory(accelerator.device)
@@ -470,9 +471,21 @@ def _arrow_memory_that_returns():
     data (peak +240 MB at 20k images of 9 KB, +400 MB at 60k, held to the end of the run),
     while a second run, from the cache, stayed flat. jemalloc with immediate purging hands
     each row group back: the conversion then costs about one row group's worth, whatever
-    the number of files (benchmarks/scale.py --evaluate-only; benchmarks/README.md)."""
+    the number of files (benchmarks/scale.py --evaluate-only; benchmarks/README.md).
+    Returns the pool to put back once the data is loaded."""
+    previous = pyarrow.default_memory_pool()
     try:
         pyarrow.jemalloc_set_decay_ms(0)
         pyarrow.set_memory_pool(pyarrow.jemalloc_memory_pool())
     except NotImplementedError:  # a pyarrow built without jemalloc: keep its default
         pass
+    return previous
+
+
+def _arrow_memory_back(previous):
+    """After loading: the memory the loading pool still holds back to the system, and the
+    default pool again for the reads of training and extraction (where jemalloc's immediate
+    purging only adds page faults)."""
+    pyarrow.default_memory_pool().release_unused()
+    pyarrow.set_memory_pool(previous)
+    previous.release_unused()
