@@ -239,9 +239,11 @@ class DamagedCheckpoint(UserError):
 
 
 def _refuse(path, rel, why, damaged=True):
-    return (DamagedCheckpoint if damaged else UserError)(
+    error = (DamagedCheckpoint if damaged else UserError)(
         f"--resume-from-checkpoint {path}: {rel} {why}; refusing this checkpoint (pick "
         "another one, or start without it)")
+    error.reason = f"{rel} {why}"  # for load_checkpoint's one-line fallback
+    return error
 
 
 def _read_inside(path, rel):
@@ -349,7 +351,7 @@ def load_checkpoint(arg, output_dir, say=print, keep_best=True):
         except DamagedCheckpoint as e:
             if i + 1 == len(candidates):
                 raise
-            reason = str(e).split(": ", 1)[1].split("; refusing", 1)[0]
+            reason = getattr(e, "reason", f"no valid {MANIFEST}")
             say(f"warning: {os.path.basename(path)} is damaged ({reason}); resuming from "
                 f"the checkpoint before it, {os.path.basename(candidates[i + 1])}")
 
