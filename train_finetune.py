@@ -39,6 +39,9 @@ from common.trainer import fit  # noqa: E402
 
 @cli
 def main(argv=None):
+    # a script's wall time counts its imports; a call from Python (a notebook, the tests)
+    # starts its clock here
+    started = STARTED if __name__ == "__main__" else time.time()
     cfg = parse_config(FinetuneConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "finetune")
     if cfg.epochs != "auto" and 0 < cfg.epochs <= cfg.freeze_epochs:
@@ -73,7 +76,7 @@ def main(argv=None):
               class_names=class_names, preprocessing=built.preprocessing,
               channels_last=channels_last, train_images=train_loader.dataset,
               val_images=val_loader.dataset, loss=make_loss(cfg.label_smoothing, weights),
-              started=STARTED, tta=cfg.tta, freeze_epochs=cfg.freeze_epochs,
+              started=started, tta=cfg.tta, freeze_epochs=cfg.freeze_epochs,
               extra_results=probed,
               mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
               if cfg.mixup or cfg.cutmix else None,

@@ -1,7 +1,6 @@
 """Flags, config files and the learning-rate schedule."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 import yaml
@@ -100,8 +99,9 @@ def test_cosine_with_warmup_shape():
 
 
 def test_help_lists_the_flags_the_checks_rely_on():
-    out = subprocess.run([sys.executable, "train_finetune.py", "--help"], capture_output=True,
-                         text=True, cwd=__import__("conftest").REPO, timeout=120).stdout
+    proc = __import__("conftest").in_process("train_finetune.py", ["--help"], dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     for flag in ("--data-dir", "--dataset", "--model", "--weights", "--no-pretrained",
                  "--epochs", "--batch-size", "--lr", "--seed", "--output-dir", "--report-to",
                  "--num-workers", "--gradient-accumulation-steps"):

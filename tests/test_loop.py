@@ -319,6 +319,7 @@ print("rank", os.environ.get("RANK", "0"), "told", parse_flag_from_env("ACCELERA
 """
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("config", ["cpu.yaml", "cpu_2proc.yaml"])
 def test_the_cpu_launcher_configs_keep_every_rank_on_the_cpu_even_beside_a_gpu(
         config, tmp_path, offline_env):

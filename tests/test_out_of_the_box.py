@@ -89,6 +89,7 @@ def _no_network_prefix(tmp_path):
     return [], {"PYTHONPATH": str(guard), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
+@pytest.mark.launch
 def test_readme_command_trains_with_no_network_no_data_and_no_weights(tmp_path):
     """README: `accelerate launch --config_file accelerate_configs/cpu.yaml train_finetune.py`
     (here with --epochs 1 to be quick), from a folder with nothing in it, no caches."""

@@ -71,6 +71,7 @@ def start_and_interrupt(args, out, env, sig, after_step):
     return proc.returncode, output
 
 
+@pytest.mark.launch
 def test_kill_9_mid_epoch_then_resume_latest_matches_uninterrupted(
         data, uninterrupted, tmp_path, offline_env):
     full, _ = uninterrupted
@@ -85,6 +86,7 @@ def test_kill_9_mid_epoch_then_resume_latest_matches_uninterrupted(
     assert_ends_as_uninterrupted(out, full)
 
 
+@pytest.mark.launch
 def test_sigterm_saves_a_checkpoint_and_exits_with_a_message(data, uninterrupted, tmp_path,
                                                              offline_env):
     full, _ = uninterrupted
@@ -107,6 +109,7 @@ def test_keeps_only_the_last_checkpoints(uninterrupted):
     assert open(out / "checkpoints" / "latest").read().strip() == "step-00000030"
 
 
+@pytest.mark.launch
 def test_a_save_killed_halfway_leaves_latest_loadable(uninterrupted, tmp_path):
     _, out = uninterrupted
     run = tmp_path / "run"

@@ -120,6 +120,7 @@ def launch_two_machines(script, args, env, timeout=600):
     return outputs
 
 
+@pytest.mark.launch
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_finetune.py", "train_extractor.py"])
 def test_two_machines_give_the_metrics_of_one_process_and_resume(script, tmp_path,

@@ -54,6 +54,28 @@ def test_script_trains_and_writes_a_complete_run_folder(script, nproc, image_fol
     assert "train Loss:" in proc.stdout and "val Loss:" in proc.stdout
 
 
+@pytest.mark.launch
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_fast_tier_computes_what_accelerate_launch_computes(nproc, image_folder,
+                                                                tiny_weights, tmp_path,
+                                                                offline_env):
+    """The README's test command runs the scripts in process (1) or forked from it (2); a
+    real `accelerate launch` with the same config gives the same metrics, row for row."""
+    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs", "2",
+            "--probe-epochs", "2", "--report-to", "none"]
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                for line in open(out / "metrics.jsonl")]
+
+    launch("train_finetune.py", [*args, "--output-dir", tmp_path / "real"], offline_env,
+           nproc=nproc, real=True)
+    launch("train_finetune.py", [*args, "--output-dir", tmp_path / "fast"], offline_env,
+           nproc=nproc)
+    assert len(rows(tmp_path / "real")) == 3  # the probe's epoch 0, then 2
+    assert rows(tmp_path / "real") == rows(tmp_path / "fast")
+
+
 def _backbone_tensors(state, head="fc."):
     return {k: v for k, v in state.items() if not k.startswith(head)}
 
