@@ -18,57 +18,58 @@ STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wa
 
 from torch import nn  # noqa: E402
 
+from common.accelerator import setup_run  # noqa: E402
 from common.config import ExtractorConfig, parse_config  # noqa: E402
-from common.data import build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
-from common.engine import BatchMix, make_loss  # noqa: E402
+from common.data import Data, build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.features import cached_feature_loaders  # noqa: E402
+from common.hardware import use_channels_last  # noqa: E402
 from common.models import build_model, freeze_backbone  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
-from common.runtime import Run, setup_run, use_channels_last  # noqa: E402
 from common.trainer import fit  # noqa: E402
 
 
 @cli
 def main(argv=None):
+    """Parse the flags (`argv`: a list as on the command line; None: sys.argv), build the
+    data (cached features by default) and the new heads' optimiser, train. Returns the
+    results (as results.json holds them)."""
     # a script's wall time counts its imports; a call from Python (a notebook, the tests)
     # starts its clock here
     started = STARTED if __name__ == "__main__" else time.time()
     cfg = parse_config(ExtractorConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "extractor")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
-    built = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
-    freeze_backbone(built.model, built.head_names)  # requires_grad only on the heads
-    channels_last = use_channels_last(cfg, accelerator)
+    network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    freeze_backbone(network.model, network.head_names)  # requires_grad only on the heads
+    network.channels_last = use_channels_last(cfg, accelerator)
     if cfg.cutmix and cfg.cache_features:
         raise UserError("--cutmix cuts images, and cached features are vectors: add "
                         "--no-cache-features (--mixup works on both)")
     weights = class_weights(cfg, train_ds, len(class_names))
-    common = dict(script="extractor", export=built.model, model_heads=built.head_names,
-                  class_names=class_names, preprocessing=built.preprocessing,
-                  loss=make_loss(cfg.label_smoothing, weights), started=started,
-                  tta=cfg.tta,
-                  mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
-                  if cfg.mixup or cfg.cutmix else None)
+    figures = None
     if cfg.cache_features:
-        heads, train_loader, val_loader, train_images, val_images, info = \
-            cached_feature_loaders(accelerator, cfg, built.model, built.head_names, train_ds,
-                                   val_ds, built.preprocessing,
-                                   num_workers(cfg, accelerator.num_processes), channels_last)
-        # the heads alone train, on feature vectors; best/ holds the whole model
-        run = Run(trained=heads, head_names=(), channels_last=False, train_images=train_images,
-                  val_images=val_images, extra_results=info, **common)
+        heads, train_loader, val_loader, train_images, val_images, figures = \
+            cached_feature_loaders(accelerator, cfg, network.model, network.head_names,
+                                   train_ds, val_ds, network.preprocessing,
+                                   num_workers(cfg, accelerator.num_processes),
+                                   network.channels_last)
+        # the heads alone train, on feature vectors (no memory format); best/ holds the
+        # whole model
+        network.feature_heads, network.channels_last = heads, False
+        data = Data(class_names, train_loader, val_loader, train_images=train_images,
+                    val_images=val_images, class_weights=weights)
         optimizer = build_optimizer(cfg, heads)
     else:
-        train_loader, val_loader = build_dataloaders(train_ds, val_ds, built.preprocessing, cfg,
-                                                     accelerator.num_processes,
+        train_loader, val_loader = build_dataloaders(train_ds, val_ds, network.preprocessing,
+                                                     cfg, accelerator.num_processes,
                                                      views=cfg.feature_views)
-        run = Run(trained=built.model, head_names=built.head_names,
-                  channels_last=channels_last, train_images=train_loader.dataset,
-                  val_images=val_loader.dataset, freeze_epochs=None, **common)
+        data = Data(class_names, train_loader, val_loader, train_images=train_loader.dataset,
+                    val_images=val_loader.dataset, class_weights=weights)
         optimizer = build_optimizer(cfg, nn.ModuleList(
-            [built.model.get_submodule(h) for h in built.head_names]))
-    return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)
+            [network.model.get_submodule(h) for h in network.head_names]))
+    return fit(accelerator, cfg, network, data, optimizer, output_dir, started=started,
+               figures=figures)
 
 
 if __name__ == "__main__":

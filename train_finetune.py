@@ -27,18 +27,21 @@ import time
 STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wall time counts them
 
 from common.config import FinetuneConfig, parse_config  # noqa: E402
-from common.data import build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
-from common.engine import BatchMix, make_loss  # noqa: E402
+from common.data import Data, build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
 from common.errors import cli  # noqa: E402
-from common.models import build_model, in_heads  # noqa: E402
+from common.hardware import use_channels_last  # noqa: E402
+from common.models import build_model  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
+from common.accelerator import setup_run  # noqa: E402
 from common.probe import linear_probe  # noqa: E402
-from common.runtime import Run, setup_run, use_channels_last  # noqa: E402
 from common.trainer import fit  # noqa: E402
 
 
 @cli
 def main(argv=None):
+    """Parse the flags (`argv`: a list as on the command line; None: sys.argv), build the
+    data, the model and its optimiser, run the linear probe, fine-tune. Returns the results
+    (as results.json holds them)."""
     # a script's wall time counts its imports; a call from Python (a notebook, the tests)
     # starts its clock here
     started = STARTED if __name__ == "__main__" else time.time()
@@ -49,39 +52,28 @@ def main(argv=None):
                           f"{cfg.freeze_epochs}: only the head trains; pass --freeze-epochs 0 "
                           "(or more --epochs) to train every layer")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
-    built = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    network.channels_last = use_channels_last(cfg, accelerator)
     weights = class_weights(cfg, train_ds, len(class_names))
-    channels_last = use_channels_last(cfg, accelerator)
-    probed = None
+    workers = num_workers(cfg, accelerator.num_processes)
     if cfg.probe_epochs and cfg.streaming:
         accelerator.print("--streaming: no linear probe (cached features need random access); "
                           "the new head starts random")
         cfg = dataclasses.replace(cfg, probe_epochs=0)
     # (a resumed run has its weights; --epochs 0 evaluates the pretrained start as it is)
-    restart_heads = None
+    probe = None
     if cfg.probe_epochs and cfg.epochs != 0 and not cfg.resume_from_checkpoint:
-        if cfg.finetune_from == "random":  # the heads as built, before the probe trains them
-            restart_heads = {k: v.detach().clone() for k, v in built.model.state_dict().items()
-                             if in_heads(k, built.head_names)}
-        probed = linear_probe(accelerator, cfg, built, train_ds, val_ds,
-                              num_workers(cfg, accelerator.num_processes), channels_last,
-                              weights)
-    train_loader, val_loader = build_dataloaders(train_ds, val_ds, built.preprocessing, cfg,
+        probe = linear_probe(accelerator, cfg, network, train_ds, val_ds, workers=workers,
+                             class_weights=weights, class_names=class_names)
+    train_loader, val_loader = build_dataloaders(train_ds, val_ds, network.preprocessing, cfg,
                                                  accelerator.num_processes)
+    data = Data(class_names, train_loader, val_loader, train_images=train_loader.dataset,
+                val_images=val_loader.dataset, class_weights=weights)
     # every layer is in the optimiser from the start, even while --freeze-epochs holds the
     # backbone: frozen parameters get no gradient and are left alone until unfrozen
-    optimizer = build_optimizer(cfg, built.model, built.head_names)
-    run = Run(script="finetune", trained=built.model, export=built.model,
-              head_names=built.head_names, model_heads=built.head_names,
-              class_names=class_names, preprocessing=built.preprocessing,
-              channels_last=channels_last, train_images=train_loader.dataset,
-              val_images=val_loader.dataset, loss=make_loss(cfg.label_smoothing, weights),
-              started=started, tta=cfg.tta, freeze_epochs=cfg.freeze_epochs,
-              extra_results=probed,
-              mix=BatchMix(cfg.mixup, cfg.cutmix, len(class_names), cfg.seed)
-              if cfg.mixup or cfg.cutmix else None,
-              evaluate_start=bool(probed), restart_heads=restart_heads, bn_eval=cfg.bn_eval)
-    return fit(accelerator, cfg, run, optimizer, train_loader, val_loader, output_dir)
+    optimizer = build_optimizer(cfg, network.model, network.head_names)
+    return fit(accelerator, cfg, network, data, optimizer, output_dir, started=started,
+               probe=probe)
 
 
 if __name__ == "__main__":

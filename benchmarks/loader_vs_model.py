@@ -126,7 +126,8 @@ def main():
     p.add_argument("--timm-train", help="timm's train.py: run it beside ours (needs --train)")
     args = p.parse_args()
     train, val, classes = load_image_folder(args.data_dir, 0.2, 0)
-    model, _, pre = build_model(args.model, len(classes), pretrained=False)
+    built = build_model(args.model, len(classes), pretrained=False)
+    model, pre = built.model, built.preprocessing
     print(f"{args.model}, batch {args.batch_size}, {pre['input_size']} px, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     for w in map(int, args.workers.split(",")):

@@ -48,13 +48,13 @@ def loop_steps(args):
     orig = engine.train_step
     last_end = [None]
 
-    def timed(accelerator, model, optimizer, batch, run, key=(0, 0, 0)):
+    def timed(*args, **kwargs):
         nonlocal prof
         t0, f0 = time.perf_counter(), _faults()
         if args.ops and len(rows) == WARM:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
-        out = orig(accelerator, model, optimizer, batch, run, key)
+        out = orig(*args, **kwargs)
         t1 = time.perf_counter()
         # the time since the last step ended: the batch's loading plus the loop's own work
         rows.append((t0 - last_end[0] if last_end[0] else float("nan"), t1 - t0,

@@ -3,7 +3,7 @@ number of steps (a sync per step stalls a GPU's queue of kernels).
 
     python benchmarks/loop_syncs.py
 
-Runs `common.engine.train_one_epoch` on a small MLP for epochs of 8 and 32 optimiser steps,
+Runs `common.engine.train_epoch` on a small MLP for epochs of 8 and 32 optimiser steps,
 no log point inside, plain and with class weights (--class-weights auto) and the EMA
 (--model-ema) on, and prints the syncs counted in each. On CUDA the count is CUDA's own
 (`torch.cuda.set_sync_debug_mode("warn")`: every synchronising call warns, a blocking copy
@@ -51,7 +51,7 @@ def cuda_syncs(accelerator, n, **variant):
 
 def main():
     print(f"machine: {describe()}")
-    # as common/runtime.py builds it: non-blocking copies of pinned batches
+    # as common/accelerator.py builds it: non-blocking copies of pinned batches
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(non_blocking=True))
     for name, make_variant in VARIANTS.items():

@@ -6,7 +6,7 @@ One run of either is too noisy on a shared CPU (its speed wanders 20-40% between
 apart), so this runs four variants in turn, round after round, and prints the median img/s of
 each and the medians of ratios taken within a round (which cancel the drift):
 - ours as shipped: on CPU the scripts keep freed memory in glibc's heap (mmap off, no
-  automatic trim: common.runtime.keep_host_memory);
+  automatic trim: common.memory.keep_host_memory);
 - ours with glibc's defaults: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (glibc's default value;
   any glibc.malloc tunable makes the scripts leave malloc alone);
 - timm's train.py as it runs by itself (glibc's defaults);

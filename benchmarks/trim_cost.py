@@ -1,4 +1,4 @@
-"""What `common.runtime.trim_host_memory` (glibc malloc_trim before each CPU eval batch) costs.
+"""What `common.memory.trim_host_memory` (glibc malloc_trim before each CPU eval batch) costs.
 
     python benchmarks/trim_cost.py [--batches 6] [--rounds 4]
 
@@ -18,7 +18,7 @@ import timm
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.runtime import trim_host_memory  # noqa: E402
+from common.memory import trim_host_memory  # noqa: E402
 from machine import describe  # noqa: E402
 
 

@@ -44,12 +44,15 @@ from typing import Optional
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 from safetensors.torch import save_file
 
+from common.accelerator import bare_model, seed_for_training
+from common.best import Best, legacy_predictions
+from common.engine import Totals
 from common.errors import UserError
-from common.export import cpu_state_dict
+from common.export import PREDICTIONS, cpu_state_dict
 from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
-from common.runtime import bare_model
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -81,9 +84,9 @@ class TrainState:
     epoch: int = 0              # epoch in progress (0-based) = epochs completed
     batches_done: int = 0       # batches of that epoch already trained on, per process
     step: int = 0               # optimiser steps so far
-    best: Optional[dict] = None  # the best epoch's val metrics (and its predictions)
-    train_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct,
-    #                             samples of the epoch in progress, over all processes
+    best: Optional[Best] = None  # the best evaluation so far (its predictions: in best/)
+    train_sums: Totals = field(default_factory=Totals)  # of the epoch in progress, over all
+    #                             processes
     tracker_run_id: Optional[str] = None
     wall_seconds: float = 0.0   # time spent in earlier (interrupted) sessions
     lr: Optional[float] = None  # the peak lr chosen by --lr auto
@@ -101,9 +104,12 @@ class TrainState:
         return self.step if self.schedule_steps is None else self.schedule_steps
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: dict) -> "TrainState":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        state = cls(**{k: v for k, v in d.items() if k in names})
+        state.best = Best.read(state.best)
+        state.train_sums = Totals.read(state.train_sums)
+        return state
 
 
 # --- saving -------------------------------------------------------------------------------
@@ -328,6 +334,9 @@ def read_checkpoint(path, keep_best=True):
             elif rel.endswith(".safetensors"):
                 parse(rel, "safetensors")
             best[rel[5:]] = raw.pop(rel)
+    legacy = legacy_predictions(doc["train_state"].get("best"))
+    if keep_best and legacy is not None and best and PREDICTIONS not in best:
+        best[PREDICTIONS] = save_safetensors_bytes(legacy)  # restored into best/ as now
     return Checkpoint(path=path, state=TrainState.from_dict(doc["train_state"]),
                       model=parse("model.safetensors", "safetensors"),
                       optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
@@ -417,6 +426,48 @@ def restore_rng(accelerator, ckpt, seed):
     if rng is not None:
         _set_rng_state(rng)
     else:
-        from common.runtime import seed_for_training
-
         seed_for_training(accelerator, seed + ckpt.state.step)
+
+
+class CheckpointPolicy:
+    """When a run saves (--checkpointing-steps: every N optimiser steps, at each epoch's end,
+    or only when stopped), and each position once: a step checkpoint that falls on the
+    epoch's end (or a stop) is not written twice."""
+
+    def __init__(self, cfg, output_dir: str):
+        self.every, self.limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
+        self.batch_size = cfg.batch_size
+        self.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        self.output_dir = output_dir
+        self.saved_at, self.path = None, None  # the last checkpoint this run wrote
+
+    def due_at(self, step: int) -> bool:
+        """A step checkpoint is due after optimiser step `step`."""
+        return self.every.isdigit() and step % int(self.every) == 0
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.every == "epoch"
+
+    @property
+    def mid_epoch(self) -> bool:
+        """A time box (--max-train-steps) inside an epoch saves its place, unless 'no'."""
+        return self.every != "no"
+
+    def save(self, accelerator, state: TrainState, model, optimizer, *, ema=None,
+             wall_seconds: float = 0.0) -> str:
+        """All ranks: the checkpoint of `state` (its sums already over all processes)."""
+        position = (state.step, state.epoch, state.batches_done)
+        if self.saved_at == position:
+            return self.path
+        state.wall_seconds = wall_seconds
+        state.num_processes = accelerator.num_processes
+        state.batch_size = self.batch_size
+        state.gradient_accumulation_steps = self.gradient_accumulation_steps
+        if ema is not None:
+            ema.sync(accelerator)  # every rank saves rank 0's average
+            state.ema_updates = ema.updates
+        self.path = save_checkpoint(accelerator, self.output_dir, state, model, optimizer,
+                                    self.limit, {"ema": ema.state_dict()} if ema else None)
+        self.saved_at = position
+        return self.path

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import yaml
 
@@ -162,6 +162,7 @@ class FinetuneConfig(TrainConfig):
     frozen backbone, as train_extractor.py does) evaluated as epoch 0, then every layer from a
     fresh head. Defaults chosen on five datasets (benchmarks/README.md)."""
 
+    script: ClassVar[str] = "finetune"
     epochs: object = opt("auto", "fine-tuning epochs (0: only evaluate; auto: enough for "
                          "--budget-steps optimiser steps)", parse=int_or_auto)
     budget_steps: int = opt(150, "--epochs auto: fine-tune for at least this many optimiser "
@@ -204,6 +205,7 @@ class FinetuneConfig(TrainConfig):
 class ExtractorConfig(TrainConfig):
     """train_extractor.py: only the new head is trained, so it takes a larger step size."""
 
+    script: ClassVar[str] = "extractor"
     lr: float = opt(0.03, "peak learning rate (only the linear head learns), or 'auto'",
                     parse=float_or_auto)
     epochs: int = opt(10, "training epochs (cheap with cached features; 0: only evaluate)")

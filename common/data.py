@@ -15,25 +15,41 @@ the model's pretrained config (`preprocessing`), never hard-coded.
 """
 
 import contextlib
+import dataclasses
 import io
-import math
 import multiprocessing as mp
 import os
 import signal
 import sys
+from typing import Any, Optional
 
 import datasets
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 import pyarrow
 import torch
 from torchvision.transforms import v2
 
 from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
+from common.hardware import launcher_chose_cpu
 from common.imagecheck import drop_unreadable
-from common.runtime import keep_host_memory, launcher_chose_cpu
+from common.images import decode_image, decode_sizes, to_rgb  # noqa: F401 (also used by importers)
+from common.labels import check_label_range, labels_of, unknown_labels
+from common.memory import keep_host_memory
+from common.streaming import load_streaming, streaming_loaders
+
+
+@dataclasses.dataclass
+class Data:
+    """What a run trains and evaluates on."""
+
+    class_names: list
+    train_loader: Any           # batches of images (or of cached features)
+    val_loader: Any
+    train_images: Any           # the decoded image datasets, for the pictures (the loaders
+    val_images: Any             # may serve cached features instead)
+    class_weights: Optional[list] = None  # --class-weights auto: a weight per class
+
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -91,13 +107,6 @@ def load_image_folder(data_dir, val_fraction, seed):
         raise UserError(f"{flag}: train/ and val/ have different class folders (only in train: "
                         f"{only_t or '-'}; only in val: {only_v or '-'}); make them match")
     return train, _to_dataset(vfiles, vlabels, classes), classes
-
-
-def labels_of(split):
-    """The label column as a list (ints once encoded), read in one Arrow batch. (`split["label"]` is a
-    lazy column in datasets >= 4 whose iteration formats one row at a time: 45 s for 100k
-    rows of a parquet dataset, here, against milliseconds.)"""
-    return split.select_columns(["label"]).with_format(None)[:]["label"]
 
 
 def _split_off_val(train, val_fraction, seed, why):
@@ -162,30 +171,6 @@ def load_hub_dataset(cfg):
     return train, val, classes
 
 
-def unknown_labels(flag, split, unknown):
-    """The error for val labels that train does not have (with and without --streaming)."""
-    return UserError(f"{flag}: the {split} split has labels that train does not "
-                     f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); "
-                     "every class needs training images")
-
-
-def label_out_of_range(flag, split, value, num_classes):
-    """The error for a label outside [0, num_classes): caught before any training, where it
-    would otherwise fail at the first loss (on CUDA as a device-side assert)."""
-    hint = (" (-1 marks an unlabelled example, as in many Hub test splits: pick a labelled "
-            "split with --val-split / --train-split)" if value == -1 else "")
-    return UserError(f"{flag}: the {split} split has label {value}, outside the "
-                     f"{num_classes} classes 0..{num_classes - 1}{hint}")
-
-
-def check_label_range(ds, num_classes, flag, split):
-    """Every label of `ds` in [0, num_classes), read from the label column alone."""
-    labels = torch.as_tensor(labels_of(ds), dtype=torch.long)
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if len(bad):
-        raise label_out_of_range(flag, split, int(bad[0]), num_classes)
-
-
 def _encode_labels(ds, flag, split, classes=None):
     """(ds with a ClassLabel 'label' column, class names). Labels that are not a ClassLabel
     (ints or strings) are mapped through one value -> index table made from train (sorted
@@ -212,41 +197,6 @@ def _encode_labels(ds, flag, split, classes=None):
     ds = ds.remove_columns("label").add_column(
         "label", encoded, feature=datasets.ClassLabel(names=classes))
     return ds, classes
-
-
-def decode_image(source, min_side=None):
-    """An upright RGB PIL image from a file path or a datasets Image dict ({"path", "bytes"}).
-
-    JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8: PIL's draft mode) whose shorter
-    side is still at least `min_side`: a 4000 x 3000 photo evaluated at a 256-pixel resize
-    decodes at 1/8 scale, several times faster, with no loss the resize would keep. EXIF
-    orientation is applied (as datasets' Image feature does). The one decode path for
-    training, feature extraction, streaming and predict.py."""
-    if isinstance(source, dict):
-        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
-    img = PIL.Image.open(source)
-    if min_side and img.format == "JPEG" and min(img.size) > min_side:
-        scale = min_side / min(img.size)
-        img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-    return to_rgb(PIL.ImageOps.exif_transpose(img))
-
-
-def decode_sizes(preprocessing, cfg=None):
-    """(training, evaluation) smallest shorter side to decode at. Evaluation resizes to
-    `resize`; a training crop covers at least --train-crop-scale of the image's area, so a
-    shorter side of input_size / sqrt(scale) keeps every crop at full resolution."""
-    scale = cfg.train_crop_scale if cfg is not None else 0.08
-    return math.ceil(preprocessing["input_size"] / math.sqrt(scale)), preprocessing["resize"]
-
-
-def to_rgb(img):
-    """RGB from any mode: grayscale, palette, RGBA, CMYK (PIL's conversions), and 16/32-bit
-    integer or float images, which PIL's convert("RGB") clips to white: rescaled to 8 bits."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = PIL.Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-    return img.convert("RGB")
 
 
 def build_transforms(preprocessing, train_crop_scale=0.08, augment="basic", random_erasing=0.0):
@@ -391,7 +341,7 @@ def num_workers(cfg, num_processes):
 
 def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None):
     """Train (shuffled) and eval DataLoaders, before `accelerator.prepare`. The shuffle order
-    comes from Accelerate's seedable sampler (see runtime.py), seeded with --seed + epoch.
+    comes from Accelerate's seedable sampler (see accelerator.py), seeded with --seed + epoch.
     `views`: None = a new augmentation every epoch; K >= 1 = K augmentations per image,
     cycled; 0 = no augmentation (the evaluation transform, centre crop)."""
     train_tf, eval_tf = training_transforms(preprocessing, cfg)
@@ -401,8 +351,6 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
     workers = num_workers(cfg, num_processes)
     if hasattr(train, "stream"):  # --streaming
         from accelerate import PartialState
-
-        from common.streaming import streaming_loaders
 
         if cfg.sampler == "balanced":
             raise UserError("--sampler balanced needs random access; with --streaming use "
@@ -429,8 +377,6 @@ def load_data(cfg, accelerator):
     not decode."""
     previous_pool = _arrow_memory_that_returns()
     if cfg.streaming:  # nothing is checked or cached up front (common/streaming.py)
-        from common.streaming import load_streaming
-
         with contextlib.redirect_stderr(sys.stderr if accelerator.is_main_process
                                         else io.StringIO()):
             splits = load_streaming(cfg, cfg.dataset, VAL_SPLIT_FALLBACKS)

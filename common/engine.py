@@ -18,8 +18,11 @@ sums, as `gather_for_metrics` leaves it out of validation metrics.
 Global batch = batch-size x processes x gradient-accumulation-steps.
 """
 
+import contextlib
+import dataclasses
 import math
 import signal
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from tqdm.auto import tqdm
 
 from common.errors import UserError
 from common.metrics import compute_metrics
-from common.runtime import trim_host_memory
+from common.memory import trim_host_memory
 
 
 class StopSignal:
@@ -94,32 +97,79 @@ class BatchMix:
             return mixed[:, :, 0, 0], target
 
 
-def model_inputs(batch, channels_last):
+def model_inputs(batch: dict, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = batch["pixel_values"]
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, batch["labels"]
 
 
-def train_step(accelerator, model, optimizer, batch, run, key=(0, 0, 0)):
-    """Forward, per-sample loss, backward and (once the accumulation window is full)
-    optimiser step. `key` (epoch, batch, process) seeds --mixup/--cutmix. Returns
-    (per-sample losses, logits), detached, still on the device."""
+def train_step(model: torch.nn.Module, optimizer, batch: dict, loss_fn: Callable, *,
+               accelerator=None, mix: Optional[BatchMix] = None, key: tuple = (0, 0, 0),
+               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one training step: forward, per-sample loss, backward and (once the accumulation
+    window is full) optimiser step. `key` (epoch, batch, process) seeds --mixup/--cutmix.
+
+    `accelerator`: the one that prepared `model` and `optimizer` (its accumulation window,
+    DDP's gradient sync, fp16 loss scaling); None for a module trained outside it, alike on
+    every process (the linear probe's heads): every batch is then a step of its own.
+    Returns (per-sample losses, logits), detached, still on the device."""
     x, y = batch["pixel_values"], batch["labels"]
     target = y
-    if run.mix is not None:
-        x, target = run.mix(x, y, key)
-    x, _ = model_inputs({"pixel_values": x, "labels": y}, run.channels_last)
-    with accelerator.accumulate(model):
+    if mix is not None:
+        x, target = mix(x, y, key)
+    x, _ = model_inputs({"pixel_values": x, "labels": y}, channels_last)
+    with accelerator.accumulate(model) if accelerator else contextlib.nullcontext():
         logits = model(x)
-        per_sample = run.loss(logits.float(), target)
-        accelerator.backward(per_sample.mean())
+        per_sample = loss_fn(logits.float(), target)
+        if accelerator:
+            accelerator.backward(per_sample.mean())
+        else:
+            per_sample.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return per_sample.detach(), logits.detach()
 
 
-def last_batch_remainder(loader, num_processes):
+def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, state, loss_fn: Callable,
+                *, sums: tuple = (), accelerator=None, remainder: int = 0,
+                mix: Optional[BatchMix] = None,
+                channels_last: bool = False) -> Iterator[None]:
+    """Train on `loader` (the rest of epoch `state.epoch`), yielding after every optimiser
+    step: the caller logs, checkpoints and stops between steps, and ends the epoch early by
+    leaving its `for`. Each batch's loss, correct predictions and samples are added to every
+    `Sums` in `sums`, padding left out (`remainder`: real samples in the epoch's last global
+    batch, see last_batch_remainder). `state.batches_done`, `state.step` and
+    `state.schedule_steps` advance here. `accelerator`: as in train_step (None: batches are
+    moved to the model's device here, every batch is a step)."""
+    device = None if accelerator else next(model.parameters()).device
+    process = accelerator.process_index if accelerator else 0
+    for batch in loader:
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        key = (state.epoch, state.batches_done, process)
+        per_sample, logits = train_step(model, optimizer, batch, loss_fn,
+                                        accelerator=accelerator, mix=mix, key=key,
+                                        channels_last=channels_last)
+        weight = _real_samples(accelerator, len(per_sample), remainder) if accelerator \
+            else None
+        correct = (logits.argmax(-1) == batch["labels"]).float()
+        for s in sums:
+            s.add(per_sample, correct, weight)
+        state.batches_done += 1
+        if accelerator and not accelerator.sync_gradients:
+            continue  # inside the accumulation window: no optimiser step was taken
+        # the fp16 GradScaler skips the optimiser step on inf/nan gradients; the schedule
+        # then waits too, so the lr still follows the steps actually taken
+        if scheduler is not None:  # (the LR range test sets each step's lr itself)
+            if not (accelerator and accelerator.optimizer_step_was_skipped):
+                scheduler.step()
+            state.schedule_steps = scheduler.last_epoch  # what a checkpoint resumes
+        state.step += 1
+        yield
+
+
+def last_batch_remainder(loader, num_processes: int) -> int:
     """Real samples in the last global batch of an epoch of `loader` (0: it is full, nothing
     padded), from the dataset's length and the global batch. Not Accelerate's
     `gradient_state.remainder`: a loader resumed with `skip_first_batches` may report -1
@@ -147,12 +197,32 @@ def _real_samples(accelerator, n, remainder):
     return (torch.arange(first, first + n, device=accelerator.device) < remainder).float()
 
 
+@dataclasses.dataclass
+class Totals:
+    """An epoch's (or a window's) training sums over all processes, on the host."""
+
+    loss: float = 0.0     # summed per-sample loss
+    correct: float = 0.0  # correct predictions
+    samples: float = 0.0  # samples (padding excluded)
+
+    @classmethod
+    def read(cls, saved) -> "Totals":
+        """From a train state: a dict, or the [loss, correct, samples] list of older ones."""
+        return cls(*saved) if isinstance(saved, (list, tuple)) else cls(**saved)
+
+    def metrics(self) -> dict:
+        n = max(self.samples, 1)
+        return dict(loss=self.loss / n, accuracy=self.correct / n, samples=int(self.samples))
+
+
 class Sums:
     """Loss, correct predictions and samples, summed on the device (float64: exact counts)."""
 
-    def __init__(self, device, start=(0.0, 0.0, 0.0)):
+    def __init__(self, device, start: Optional[Totals] = None):
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.t = torch.tensor(start, dtype=dtype, device=device)
+        start = start or Totals()
+        self.t = torch.tensor([start.loss, start.correct, start.samples], dtype=dtype,
+                              device=device)
 
     def add(self, per_sample, correct, weight):
         if weight is None:
@@ -164,54 +234,16 @@ class Sums:
         self.t.zero_()
 
 
-def reduce_sums(accelerator, sums, stop):
-    """All processes: [loss, correct, samples] summed over processes and whether any process
-    was signalled to stop. One all-reduce and one copy to the host."""
+def reduce_sums(accelerator, sums: Sums, stop: StopSignal) -> tuple[Totals, bool]:
+    """All processes: the sums over processes and whether any process was signalled to
+    stop. One all-reduce and one copy to the host."""
     flag = torch.tensor([float(stop.signum)], dtype=sums.t.dtype, device=sums.t.device)
     total = accelerator.reduce(torch.cat([sums.t, flag]), "sum").tolist()
-    return total[:3], total[3] > 0
+    return Totals(*total[:3]), total[3] > 0
 
 
-def train_one_epoch(accelerator, model, loader, optimizer, scheduler, state, run, stop,
-                    on_step, remainder=None):
-    """Train on `loader` (the rest of epoch `state.epoch`, resumed sums included). After every
-    optimiser step, `on_step(window, epoch_sums, bar)` may log, checkpoint or stop, and ends
-    the epoch early by returning True; `window` holds the sums since the last log point and
-    is reset by whoever reduces it. `remainder`: real samples in the epoch's last global
-    batch (last_batch_remainder of the whole epoch's loader; by default `loader`'s own).
-    Returns the epoch's sums over all processes."""
-    if remainder is None:
-        remainder = last_batch_remainder(loader, accelerator.num_processes)
-    epoch_sums = Sums(accelerator.device, state.train_sums if accelerator.is_main_process
-                      else (0.0, 0.0, 0.0))  # resumed mid-epoch: the earlier part, once
-    window = Sums(accelerator.device)
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1} train", leave=False,
-               initial=state.batches_done, total=state.batches_done + len(loader),
-               disable=not accelerator.is_local_main_process)
-    for batch in bar:
-        key = (state.epoch, state.batches_done, accelerator.process_index)
-        per_sample, logits = train_step(accelerator, model, optimizer, batch, run, key)
-        weight = _real_samples(accelerator, len(per_sample), remainder)
-        correct = (logits.argmax(-1) == batch["labels"]).float()
-        epoch_sums.add(per_sample, correct, weight)
-        window.add(per_sample, correct, weight)
-        state.batches_done += 1
-        if accelerator.sync_gradients:
-            # the fp16 GradScaler skips the optimiser step on inf/nan gradients; the schedule
-            # then waits too, so the lr still follows the steps actually taken
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            state.step += 1
-            state.schedule_steps = scheduler.last_epoch  # what a checkpoint resumes
-            if on_step(window, epoch_sums, bar):
-                break
-    totals, stopping = reduce_sums(accelerator, epoch_sums, stop)
-    check_finite(totals, state)
-    return totals, stopping
-
-
-def check_finite(totals, state):
-    loss = totals[0] / max(totals[2], 1)
+def check_finite(totals: Totals, state) -> None:
+    loss = totals.loss / max(totals.samples, 1)
     if not math.isfinite(loss):
         raise UserError(f"training loss became {loss} at epoch {state.epoch + 1}, step "
                         f"{state.step} or before; lower --lr (or train in fp32/bf16 instead "
@@ -219,33 +251,41 @@ def check_finite(totals, state):
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, run, metrics):
+def evaluate(model: torch.nn.Module, loader, metrics: dict, class_names: list, *,
+             accelerator=None, tta: bool = False, channels_last: bool = False) -> dict:
     """Exact loss/accuracy/per-class metrics over the whole eval set, on every rank.
     Per-sample results stay on the device until one gather at the end; Accelerate's padding
     repeats samples with their dataset index, so keeping one row per index counts every
-    image exactly once."""
+    image exactly once. `accelerator` None: `loader` is this process's whole set (the
+    linear probe's cached features), evaluated here alone, in the model's precision."""
     model.eval()
+    device = None if accelerator else next(model.parameters()).device
     parts = []
-    for batch in tqdm(loader, desc="val", leave=False,
-                      disable=not accelerator.is_local_main_process):
-        trim_host_memory(accelerator.device)  # bounds RSS creep over many val batches on CPU
-        x, y = model_inputs(batch, run.channels_last)
-        with accelerator.autocast():
+    for batch in tqdm(loader, desc="val", leave=False, disable=accelerator is None or
+                      not accelerator.is_local_main_process):
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        x, y = model_inputs(batch, channels_last)
+        if x.ndim == 4:  # bounds RSS creep over many val batches of images on CPU
+            trim_host_memory(x.device)
+        with accelerator.autocast() if accelerator else contextlib.nullcontext():
             logits = model(x).float()
-            if run.tta and x.ndim == 4:  # --tta: the average over the image and its mirror
+            if tta and x.ndim == 4:  # --tta: the average over the image and its mirror
                 logits = (logits + model(x.flip(-1)).float()) / 2
         per_sample = F.cross_entropy(logits, y, reduction="none")
         prob, pred = logits.softmax(-1).max(-1)
         parts.append((per_sample, pred, y, batch["index"], prob, logits))
     local = [torch.cat(p) for p in zip(*parts)]
-    if accelerator.num_processes > 1:  # (--streaming: the processes' parts differ in size)
+    if accelerator is not None and accelerator.num_processes > 1:
+        # (--streaming: the processes' parts differ in size)
         local = [accelerator.pad_across_processes(t, pad_index=-1 if k == 3 else 0)
                  for k, t in enumerate(local)]
-    gathered = [t.cpu() for t in accelerator.gather(local)]
+        local = accelerator.gather(local)
+    gathered = [t.cpu() for t in local]
     gathered = [t[gathered[3] >= 0] for t in gathered]  # not the padding
     index, first = _first_of_each(gathered[3])
     losses, preds, labels, _, prob, logits = (t[first] for t in gathered)
-    out = compute_metrics(metrics, preds, labels, run.class_names)
+    out = compute_metrics(metrics, preds, labels, class_names)
     # per image, as CPU tensors: the best epoch's go to best/predictions.safetensors (main
     # process), never into the train state
     out.update(loss=losses.mean().item(), samples=len(labels),

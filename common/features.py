@@ -46,7 +46,8 @@ from common.data import (ImageDataset, decode_sizes, labels_of, train_order,
 from common.imagecheck import identity_digest
 from common.errors import UserError
 from common.models import in_heads
-from common.runtime import cpu_has_native_bf16, gpu_has_native_bf16, trim_host_memory
+from common.hardware import cpu_has_native_bf16, gpu_has_native_bf16
+from common.memory import trim_host_memory
 
 FORMAT = 2
 

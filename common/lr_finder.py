@@ -23,15 +23,17 @@ follows is the run you would get by passing the suggested lr yourself.
 import copy
 import math
 import os
+from typing import Optional
 
 import torch
 
+from common.checkpoint import TrainState
 from common.data import set_epoch
-from common.engine import train_step
+from common.engine import train_epoch
 from common.errors import UserError
 from common.models import set_train_mode
 from common.optim import set_peak_lr
-from common.runtime import bare_model
+from common.accelerator import bare_model
 
 START_LR, END_LR, BETA, DIVERGE = 1e-7, 10.0, 0.98, 4.0
 MIN_FALL = 0.1  # the smoothed loss must fall 10% for a suggestion
@@ -70,43 +72,60 @@ def suggest(lrs, smoothed):
     return lrs[best] / 10, best
 
 
-def find_lr(accelerator, model, optimizer, loader, run, cfg, output_dir, frozen):
+class _StepLosses:
+    """Collects each micro-batch's mean loss of the optimiser step in progress (as a `Sums`
+    of train_epoch would collect sums)."""
+
+    def __init__(self):
+        self.means = []
+
+    def add(self, per_sample, correct, weight):
+        self.means.append(per_sample.mean())
+
+
+def find_lr(accelerator, model, optimizer, loader, cfg, output_dir: str, *, loss_fn,
+            mix=None, head_names: tuple = (), frozen: bool = False, bn_eval: bool = False,
+            channels_last: bool = False) -> Optional[float]:
     """Run the range test on the prepared model/optimizer/loader, with the backbone frozen or
-    not (as the model's parameters already are); return the suggested peak lr (of the head;
-    the other groups scale with it), or None where the loss never fell. Writes lr_find.json
-    and lr_find.png."""
+    not (as the model's parameters already are), through the training step of every run;
+    return the suggested peak lr (of the head; the other groups scale with it), or None
+    where the loss never fell. Writes lr_find.json and lr_find.png."""
     steps = cfg.find_lr_steps
     saved = _snapshot(accelerator, model, optimizer)
-    set_train_mode(bare_model(accelerator, model), run.head_names, frozen, run.bn_eval)
+    set_train_mode(bare_model(accelerator, model), head_names, frozen, bn_eval)
     lrs, raw, smoothed = [], [], []
-    avg, window, epoch = 0.0, [], 0
-    while len(lrs) < steps:
+    avg, epoch, done = 0.0, 0, False
+    state = TrainState(epoch=-1)  # the range test's own count (-1: seeds its mixes apart)
+    step_losses = _StepLosses()
+
+    def lr_of_next_step():
+        return START_LR * (END_LR / START_LR) ** (len(lrs) / (steps - 1))
+
+    lr = lr_of_next_step()
+    set_peak_lr(optimizer, lr)
+    while not done:
         set_epoch(loader, epoch)
-        for batch in loader:
-            if not window:  # first micro-batch of an optimiser step: its lr
-                lr = START_LR * (END_LR / START_LR) ** (len(lrs) / (steps - 1))
-                set_peak_lr(optimizer, lr)
-            per_sample, _ = train_step(accelerator, model, optimizer, batch, run,
-                                       (-1, len(lrs), accelerator.process_index))
-            window.append(per_sample.mean())
-            if not accelerator.sync_gradients:
-                continue
+        for _ in train_epoch(model, loader, optimizer, None, state, loss_fn,
+                             sums=(step_losses,), accelerator=accelerator, mix=mix,
+                             channels_last=channels_last):
             # one sync per step (a range test decides at every step), the same number on
             # every rank: every decision below is taken together
-            value = accelerator.reduce(torch.stack(window).mean(), "mean").item()
-            window = []
+            value = accelerator.reduce(torch.stack(step_losses.means).mean(), "mean").item()
+            step_losses.means = []
             if not math.isfinite(value):
+                done = True
                 break
             avg = BETA * avg + (1 - BETA) * value
             lrs.append(lr)
             raw.append(value)
             smoothed.append(avg / (1 - BETA ** len(lrs)))
             if smoothed[-1] > DIVERGE * min(smoothed) or len(lrs) >= steps:
+                done = True
                 break
+            lr = lr_of_next_step()
+            set_peak_lr(optimizer, lr)
         else:
             epoch += 1
-            continue
-        break
     _restore(accelerator, model, optimizer, saved)
     if len(lrs) < 5:
         raise UserError(f"--find-lr: the loss diverged after {len(lrs)} steps, from lr "

@@ -6,15 +6,18 @@ the modules in `common/evaluate_metrics/`. Metrics are computed on tensors gathe
 every process (`gather_for_metrics`), so every rank gets the same exact numbers.
 """
 
+import functools
 import os
 
 _MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_metrics")
 
 
-def load_metrics():
-    """The accuracy and per-class modules. Call under `accelerator.main_process_first()`:
-    evaluate copies each script into the HF modules cache under a file lock. Imported here,
-    not at the top: training starts without waiting for it."""
+@functools.cache
+def load_metrics() -> dict:
+    """The accuracy and per-class modules, loaded once per process. Call under
+    `accelerator.main_process_first()`: evaluate copies each script into the HF modules
+    cache under a file lock. Imported here, not at the top: training starts without waiting
+    for it."""
     import evaluate
 
     return {name: evaluate.load(os.path.join(_MODULES, name), keep_in_memory=True)

@@ -12,11 +12,12 @@ or none (`--no-pretrained`). The head of a weights file is dropped when its shap
 (an ImageNet head on a 2-class problem); any other mismatch is an error naming the layers.
 """
 
+import dataclasses
 import difflib
 import math
 import os
 import urllib.error
-from typing import NamedTuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,10 +25,30 @@ from torch import nn
 from common.errors import UserError
 
 
-class Built(NamedTuple):
+@dataclasses.dataclass
+class Network:
+    """A classifier built for this data, and the part of it that trains.
+
+    `model` is the whole network (what best/ holds) and `head_names` its new classifier
+    modules; everything else in it is the backbone. On cached features (the extractor's
+    default, the fine-tune's linear probe) the heads alone train, as `feature_heads`
+    (common/features.py FeatureHeads, sharing the heads' parameters with `model`)."""
+
     model: nn.Module
-    head_names: tuple  # qualified names of the classifier module(s)
-    preprocessing: dict
+    head_names: tuple          # qualified names of the classifier module(s) in `model`
+    preprocessing: dict        # input_size, resize, mean, std, interpolation
+    feature_heads: Optional[nn.Module] = None
+    channels_last: bool = False  # images in channels-last memory format (hardware.py)
+
+    @property
+    def trained(self) -> nn.Module:
+        """The module the optimiser updates: the heads on cached features, or the model."""
+        return self.model if self.feature_heads is None else self.feature_heads
+
+    @property
+    def trained_head_names(self) -> tuple:
+        """The heads inside `trained` (() when `trained` is the heads alone)."""
+        return self.head_names if self.feature_heads is None else ()
 
 
 def in_heads(name, head_names):
@@ -190,7 +211,7 @@ def _has_module(model, name):
 
 
 def build_model(name, num_classes, pretrained=True, weights=None):
-    """Return Built(model, head_names, preprocessing) with new `num_classes` heads."""
+    """The Network (model, head_names, preprocessing) with new `num_classes` heads."""
     library, arch = split_model_name(name)
     if library in ("timm", "bundled"):
         import timm
@@ -228,7 +249,7 @@ def build_model(name, num_classes, pretrained=True, weights=None):
         setattr(model.get_submodule(parent) if parent else model, child,
                 nn.Linear(old.in_features, num_classes))
         preprocessing = _preprocessing_torchvision(arch)
-    return Built(model, head_names, preprocessing)
+    return Network(model, head_names, preprocessing)
 
 
 def freeze_backbone(model, head_names, frozen=True):

@@ -16,15 +16,27 @@ nothing to synchronise); DDP, built afterwards, starts from rank 0's weights any
 import dataclasses
 import math
 import time
+from typing import Optional
 
 import torch
 from accelerate.data_loader import SeedableRandomSampler
 
 from common.data import BalancedSampler
-from common.engine import make_loss
-from common.features import cached_feature_loaders
-from common.metrics import score
+from common.checkpoint import TrainState
+from common.engine import evaluate, make_loss, train_epoch
+from common.features import FeatureDataset, cached_feature_loaders
+from common.metrics import load_metrics, score
+from common.models import Network, in_heads
 from common.optim import build_optimizer, build_scheduler
+
+
+@dataclasses.dataclass
+class Probe:
+    """What the linear probe leaves for the fine-tune."""
+
+    figures: dict                        # for results.json (probe_* and the feature cache's)
+    fresh_heads: Optional[dict] = None   # --finetune-from random: the heads as built, which
+    #                                      every layer then trains from after epoch 0
 
 
 def _order(cfg, labels, epoch):
@@ -38,49 +50,54 @@ def _order(cfg, labels, epoch):
     return list(sampler)
 
 
-def linear_probe(accelerator, cfg, built, train, val, workers, channels_last, class_weights):
-    """Train `built`'s new heads on cached features of its frozen backbone for
-    cfg.probe_epochs epochs (lr cfg.probe_lr, SGD, cosine, as the extractor); returns a dict
-    of figures for results.json. The heads are trained in place."""
+def linear_probe(accelerator, cfg, network: Network, train, val, *, workers: int,
+                 class_weights: Optional[list], class_names: list) -> Probe:
+    """Train `network`'s new heads on cached features of its frozen backbone for
+    cfg.probe_epochs epochs (lr cfg.probe_lr, SGD, cosine, as the extractor), through the
+    same step and evaluation as every run; the heads are trained in place, to the best
+    epoch's by --select-metric on val."""
     t0 = time.time()
+    fresh = None
+    if cfg.finetune_from == "random":  # the heads as built, before the probe trains them
+        fresh = {k: v.detach().clone() for k, v in network.model.state_dict().items()
+                 if in_heads(k, network.head_names)}
     heads, train_loader, val_loader, _, _, info = cached_feature_loaders(
-        accelerator, cfg, built.model, built.head_names, train, val, built.preprocessing,
-        workers, channels_last)
+        accelerator, cfg, network.model, network.head_names, train, val,
+        network.preprocessing, workers, network.channels_last)
     features, labels = train_loader.dataset.features, train_loader.dataset.labels
-    val_x, val_y = val_loader.dataset.features[:, 0], val_loader.dataset.labels
+    # every process trains the whole probe alike (nothing sharded, nothing to synchronise)
+    val_loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=1024)
     # the extractor's defaults, whatever the fine-tune's optimiser flags say: epoch 0 is then
     # exactly train_extractor.py's model (--weight-decay 0.05 leaked in here once)
     probe_cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, epochs=cfg.probe_epochs,
                                     scheduler="cosine", warmup_epochs=0.0, optimizer="sgd",
                                     momentum=0.9, weight_decay=0.0, layer_decay=None,
                                     backbone_lr_mult=1.0)
-    device = accelerator.device
-    heads.to(device).train()
+    heads.to(accelerator.device)
     optimizer = build_optimizer(probe_cfg, heads)
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
     scheduler = build_scheduler(probe_cfg, optimizer, steps_per_epoch)
     loss_fn = make_loss(0.0, class_weights)  # the extractor's default objective
-    best = None
+    with accelerator.main_process_first():  # one process fills the HF cache
+        metrics = load_metrics()
+    state, best = TrainState(), None
     for epoch in range(cfg.probe_epochs):
-        order = _order(cfg, labels, epoch)
-        view = epoch % features.shape[1]
-        for start in range(0, len(order), cfg.batch_size):
-            idx = torch.tensor(order[start:start + cfg.batch_size])
-            x = features[idx, view].to(device)
-            y = labels[idx].to(device)
-            logits = heads(x)
-            loss_fn(logits.float(), y).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+        state.epoch, state.batches_done = epoch, 0
+        dataset = FeatureDataset(features, labels)
+        dataset.epoch.value = epoch  # epoch e reads feature view e mod views
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
+                                             sampler=_order(cfg, labels, epoch))
+        heads.train()
+        for _ in train_epoch(heads, loader, optimizer, scheduler, state, loss_fn):
+            pass
         # keep the best epoch's head, chosen as the extractor chooses (--select-metric on val)
-        m = _val_metrics(heads, val_x, val_y, device, logits.shape[-1])
+        m = evaluate(heads, val_loader, metrics, class_names)
         if best is None or score(m, cfg.select_metric) > best[0]:
             best = (score(m, cfg.select_metric), epoch + 1, m["accuracy"],
                     {k: v.detach().clone() for k, v in heads.state_dict().items()})
     if best is not None:
         heads.load_state_dict(best[3])
-    heads.to("cpu")
+    heads.train().to("cpu")
     seconds = time.time() - t0
     accelerator.print(f"linear probe: {cfg.probe_epochs} epochs on cached features in "
                       f"{seconds:.1f} s with the extraction; the head of epoch {best[1]} (val "
@@ -88,26 +105,6 @@ def linear_probe(accelerator, cfg, built, train, val, workers, channels_last, cl
                       + ("; every layer fine-tunes from it" if cfg.finetune_from == "probe"
                          else "; every layer fine-tunes from a fresh head (--finetune-from "
                               "random)"))
-    return dict(info, probe_seconds=round(seconds, 2), probe_best_epoch=best[1],
-                probe_val_accuracy=best[2])
-
-
-@torch.no_grad()
-def _val_metrics(heads, x, y, device, num_classes):
-    """accuracy, loss, balanced accuracy and macro-F1 of the heads on the cached val
-    features (what --select-metric may ask for)."""
-    heads.eval()
-    logits = torch.cat([heads(x[i:i + 1024].to(device)).float().cpu()
-                        for i in range(0, len(x), 1024)])
-    heads.train()
-    pred = logits.argmax(-1)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    cm.index_put_((y, pred), torch.ones(len(y), dtype=torch.float64), accumulate=True)
-    tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall /
-                     (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
-    return dict(accuracy=(pred == y).double().mean().item(),
-                loss=torch.nn.functional.cross_entropy(logits, y).item(),
-                balanced_accuracy=recall.mean().item(), macro_f1=f1.mean().item())
+    return Probe(figures=dict(info, probe_seconds=round(seconds, 2), probe_best_epoch=best[1],
+                              probe_val_accuracy=best[2]),
+                 fresh_heads=fresh)

@@ -28,6 +28,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from common.errors import UserError
+from common.images import decode_image
+from common.labels import label_out_of_range, unknown_labels
 
 
 class StreamSplit:
@@ -91,8 +93,6 @@ def load_streaming(cfg, name, val_names):
         if isinstance(val_feature, datasets.ClassLabel) and val_feature.names != classes:
             raise UserError(f"{flag}: the train and {val_name} splits name different classes")
     else:  # plain ints or strings: one pass over the label columns (no image is read)
-        from common.data import unknown_labels
-
         counts = _label_pass(train)
         classes = [str(v) for v in sorted(counts)]
         val_counts = _label_pass(splits["val"][0])  # as without --streaming: up front
@@ -134,8 +134,6 @@ class StreamDataset(torch.utils.data.IterableDataset):
         return self.split.size
 
     def __iter__(self):
-        from common.data import decode_image
-
         self.part.set_epoch(self.epoch.value)  # a new shuffle per epoch
         for ex in self.part:
             src = ex["image"]
@@ -191,8 +189,6 @@ class StreamLoader:
         split = self.dataset.split
         bad = labels[(labels < 0) | (labels >= split.num_classes)]
         if split.num_classes and len(bad):
-            from common.data import label_out_of_range
-
             raise label_out_of_range(split.flag, split.name, int(bad[0]), split.num_classes)
 
     def __iter__(self):

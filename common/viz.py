@@ -111,10 +111,10 @@ def curves_png(runs, path):
     return path
 
 
-def augmentation_preview_png(dataset, run, path, n=16):
+def augmentation_preview_png(dataset, preprocessing, class_names, path, n=16):
     """`n` random training images as the model sees them in epoch 1 (augmented, denormalised
     with the model's own mean/std), like the tutorial's `imshow` grid of a batch."""
-    p, names = run.preprocessing, run.class_names
+    p, names = preprocessing, class_names
     if isinstance(dataset, torch.utils.data.IterableDataset):  # --streaming: the first ones
         items = list(itertools.islice(iter(dataset), n))
     else:
@@ -126,10 +126,10 @@ def augmentation_preview_png(dataset, run, path, n=16):
                           title="Training augmentation (epoch 1)")
 
 
-def prediction_grid_png(dataset, predictions, run, path, n=16):
+def prediction_grid_png(dataset, predictions, preprocessing, class_names, path, n=16):
     """Val images with predicted (probability) and true labels, misclassified ones first and
     marked in red, like the tutorial's `visualize_model`."""
-    p, names = run.preprocessing, run.class_names
+    p, names = preprocessing, class_names
     rows = list(zip(predictions["index"], predictions["pred"], predictions["label"],
                     predictions["prob"]))
     if isinstance(dataset, torch.utils.data.IterableDataset):  # --streaming: no random
@@ -171,10 +171,10 @@ def lr_find_png(lrs, smoothed, suggested, path):
     return path
 
 
-def top_losses_png(dataset, predictions, run, path, n=16):
+def top_losses_png(dataset, predictions, preprocessing, class_names, path, n=16):
     """The val images the model got most wrong (highest loss): true label, prediction and
     its probability, as fastai's plot_top_losses. Often shows mislabelled images."""
-    p, names = run.preprocessing, run.class_names
+    p, names = preprocessing, class_names
     rows = sorted(zip(predictions["index"], predictions["pred"], predictions["label"],
                       predictions["prob"], predictions["loss"]), key=lambda r: -r[4])[:n]
     if isinstance(dataset, torch.utils.data.IterableDataset):  # --streaming: not drawn

@@ -10,16 +10,17 @@ import sys
 
 import pytest
 import torch
-from accelerate import Accelerator, debug_launcher
+from accelerate import Accelerator
 from torch import nn
 
 from common.checkpoint import TrainState
 from common.config import FinetuneConfig
 from common.ema import ModelEma
-from common.engine import StopSignal, make_loss, train_one_epoch
+from common.engine import (StopSignal, Sums, last_batch_remainder, make_loss, reduce_sums,
+                           train_epoch)
 from common.optim import build_optimizer, build_scheduler, lr_factor
-from common.runtime import Run
-from conftest import REPO
+
+from conftest import REPO, two_processes
 
 
 class TinyData(torch.utils.data.Dataset):
@@ -45,16 +46,10 @@ class TinyNet(nn.Module):
         return self.head(self.body(x))
 
 
-def _run(model, loss=None):
-    return Run(script="finetune", trained=model, export=model, head_names=("head",),
-               model_heads=("head",), class_names=["a", "b"], preprocessing={},
-               channels_last=False, train_images=None, val_images=None,
-               loss=loss or make_loss(), started=0.0)
-
-
 def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None, loss=None,
            ema_decay=None):
-    """Prepare a tiny model/optimiser/loader and train one epoch; returns what it needs."""
+    """Prepare a tiny model/optimiser/loader and train one epoch as the trainer does (the EMA
+    updated after each optimiser step); returns what it needs."""
     torch.manual_seed(0)
     model = TinyNet()
     cfg = FinetuneConfig(optimizer="sgd", lr=0.1, epochs=2, scheduler="cosine",
@@ -67,16 +62,16 @@ def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None
     state = TrainState()
     seen = []
     ema = ModelEma(accelerator.unwrap_model(model), ema_decay) if ema_decay else None
-
-    def hook(window, epoch_sums, bar):
+    epoch_sums, window = Sums(accelerator.device), Sums(accelerator.device)
+    for _ in train_epoch(model, loader, optimizer, scheduler, state, loss or make_loss(),
+                         sums=(epoch_sums, window), accelerator=accelerator,
+                         remainder=last_batch_remainder(loader, accelerator.num_processes)):
         seen.append(accelerator.optimizer_step_was_skipped)
         if ema is not None:  # as the trainer does after each optimiser step
             ema.update(accelerator.unwrap_model(model))
         if on_step:
-            on_step(window, epoch_sums, bar)
-
-    totals, _ = train_one_epoch(accelerator, model, loader, optimizer, scheduler, state,
-                                _run(model, loss), StopSignal(), hook)
+            on_step(window, epoch_sums)
+    totals, _ = reduce_sums(accelerator, epoch_sums, StopSignal())
     return dict(cfg=cfg, scheduler=scheduler, optimizer=optimizer, state=state,
                 totals=totals, skipped=seen, steps=len(loader))
 
@@ -94,7 +89,7 @@ def test_schedule_does_not_step_when_the_fp16_scaler_skips_the_optimiser_step():
     taken = out["steps"] - skipped  # on the steps the optimiser actually took
     expected = 0.1 * lr_factor(out["cfg"], taken, out["steps"])
     assert out["optimizer"].param_groups[0]["lr"] == pytest.approx(expected)
-    assert math.isfinite(out["totals"][0]) and out["totals"][2] == 40
+    assert math.isfinite(out["totals"].loss) and out["totals"].samples == 40
 
 
 class SyncCounter:
@@ -151,16 +146,14 @@ def test_an_epoch_syncs_with_the_host_a_fixed_number_of_times_not_once_per_step(
             counter = SyncCounter(m, accelerator)
             out = _epoch(accelerator, n=n)
         counts[n] = counter.count
-        assert out["totals"][2] == n
+        assert out["totals"].samples == n
     assert counts[16] == counts[96] and counts[16] <= 3, counts
     # a log point every 4 steps adds one reduce and one copy each: 6 log points in 24 steps
     accelerator = Accelerator(cpu=True)
 
     steps = []
 
-    def log_point(window, epoch_sums, bar):
-        from common.engine import reduce_sums
-
+    def log_point(window, epoch_sums):
         steps.append(1)
         if len(steps) % 4 == 0:
             reduce_sums(accelerator, window, StopSignal())
@@ -182,7 +175,7 @@ def test_class_weights_and_the_ema_copy_nothing_to_the_device_per_step(monkeypat
             counter = SyncCounter(m, accelerator)
             out = _epoch(accelerator, n=n, loss=make_loss(0.0, [0.7, 1.3]), ema_decay=0.99)
         counts[n], where[n] = (counter.count, counter.copies), counter.where
-        assert out["totals"][2] == n
+        assert out["totals"].samples == n
     assert counts[16] == counts[96], where[96]
 
 
@@ -192,7 +185,8 @@ def _ddp_rewrap_worker():
     from common.models import freeze_backbone
     from accelerate.state import AcceleratorState
 
-    from common.runtime import rewrap_ddp, seed_for_training
+    from common.phase import rewrap_ddp
+    from common.accelerator import seed_for_training
 
     # forked from a pytest process whose earlier tests built a one-process Accelerator
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -231,12 +225,14 @@ def _ddp_rewrap_worker():
 
 
 def test_unfreezing_rebuilds_ddp_so_backbone_gradients_are_averaged_and_seeds_differ():
-    debug_launcher(_ddp_rewrap_worker, num_processes=2)
+    two_processes(_ddp_rewrap_worker)
 
 
 FAULTS_OF_BIG_TENSORS = """
 import resource, sys, torch
-from common.runtime import keep_host_memory
+import common.data  # as in the scripts, which call keep_host_memory with their libraries
+# loaded (without them, glibc here still faulted in every other 64 MB block)
+from common.memory import keep_host_memory
 kept = keep_host_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -307,7 +303,7 @@ def _ema_sync_worker():
 
 
 def test_the_ema_is_rank_0s_on_every_rank_before_it_is_evaluated_or_saved():
-    debug_launcher(_ema_sync_worker, num_processes=2)
+    two_processes(_ema_sync_worker)
 
 
 LAUNCHER_CHOICE = """
@@ -344,7 +340,7 @@ def test_the_cpu_launcher_configs_keep_every_rank_on_the_cpu_even_beside_a_gpu(
 
 
 def test_the_launchers_cpu_choice_wins_over_an_available_gpu(monkeypatch):
-    from common.runtime import launcher_chose_cpu
+    from common.hardware import launcher_chose_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
@@ -358,7 +354,7 @@ def test_bf16_counts_as_native_on_ampere_and_newer_only(monkeypatch):
     torch.cuda.is_bf16_supported() says yes: --extract-precision auto stays fp32 there."""
     from common.config import ExtractorConfig
     from common.features import extract_precision
-    from common.runtime import gpu_has_native_bf16
+    from common.hardware import gpu_has_native_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -389,11 +385,11 @@ def _padding_worker():
         out = _epoch(accelerator, n=21)  # 2 x 4 per step: the last global batch has 5 real
     finally:
         DataLoaderShard.begin = begin
-    assert out["totals"][2] == 21, out["totals"]
+    assert out["totals"].samples == 21, out["totals"]
 
 
 def test_padding_is_left_out_of_train_sums_even_when_the_loader_knows_no_remainder():
-    debug_launcher(_padding_worker, num_processes=2)
+    two_processes(_padding_worker)
 
 
 def test_a_resumed_fp16_schedule_continues_where_it_stood_not_at_the_step_count():

@@ -1,5 +1,6 @@
 """Checkpoints and resume: a killed run, resumed, ends exactly where an uninterrupted one does."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -259,7 +260,7 @@ def test_best_is_restored_to_what_it_was_at_the_checkpoint(uninterrupted, tmp_pa
     (run / "best" / "model.json").write_text('{"epoch": 99}')  # what a later run left
     restore_best(str(run), ckpt)
     meta = json.load(open(run / "best" / "model.json"))
-    assert meta["epoch"] == ckpt.state.best["epoch"] != 99
+    assert meta["epoch"] == ckpt.state.best.epoch != 99
     ckpt.best = {}
     restore_best(str(run), ckpt)  # a checkpoint taken before any evaluation: no best yet
     assert not (run / "best").exists()
@@ -594,7 +595,7 @@ def test_checkpoints_keep_scalars_in_the_train_state_and_predictions_in_best(
     assert (out / "checkpoints" / "step-00000030" / "best" / "predictions.safetensors").exists()
     # the processes other than the main one check best/ but do not hold it
     ckpt = read_checkpoint(str(out / "checkpoints" / "step-00000030"), keep_best=False)
-    assert ckpt.best == {} and ckpt.state.best == best
+    assert ckpt.best == {} and dataclasses.asdict(ckpt.state.best) == best
     tampered = tmp_path / "t"
     shutil.copytree(out / "checkpoints" / "step-00000030", tampered)
     with open(tampered / "best" / "predictions.safetensors", "r+b") as fh:

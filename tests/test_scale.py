@@ -148,7 +148,7 @@ def test_two_machines_give_the_metrics_of_one_process_and_resume(script, tmp_pat
 
 _TRIM_PROBE = r"""
 import ctypes, torch
-from common.runtime import trim_host_memory
+from common.memory import trim_host_memory
 def rss_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
 big = torch.ones(16 << 20, dtype=torch.uint8)

@@ -1,0 +1,82 @@
+"""Resuming a run: the checkpoint read before anything is built, its progress converted to
+this run's world, then applied to the prepared model, optimiser and schedule.
+
+Checkpoints (common/checkpoint.py) are taken only right after an optimiser step, so no
+half-accumulated gradient is ever lost. A resumed run restores model, optimiser, RNG states,
+counters and the epoch's running sums, re-seeds the sampler for the epoch in progress and
+skips the batches already done; with augmentation seeded per sample (common/data.py) it then
+computes exactly what the uninterrupted run would have. On another number of processes (or
+batch size) the progress is converted, when the samples already seen make a whole number of
+the new global batches; otherwise the run refuses, naming an epoch-end checkpoint.
+"""
+
+import os
+from typing import Optional
+
+from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, load_checkpoint,
+                               restore_best, set_aside_later_checkpoints)
+from common.errors import UserError
+from common.files import read_jsonl, write_jsonl
+from common.optim import position_scheduler
+
+
+def read_resume(accelerator, cfg, output_dir: str) -> Optional[Checkpoint]:
+    """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    return load_checkpoint(cfg.resume_from_checkpoint, output_dir, accelerator.print,
+                           keep_best=accelerator.is_main_process)  # only it restores best/
+
+
+def convert_progress(accelerator, cfg, state: TrainState, loader_len: int,
+                     steps_per_epoch: int) -> None:
+    """A checkpoint counted on another number of processes (or batch size): express its
+    progress in this run's batches and optimiser steps, or refuse."""
+    world = (accelerator.num_processes, cfg.batch_size, cfg.gradient_accumulation_steps)
+    saved = (state.num_processes, state.batch_size, state.gradient_accumulation_steps)
+    if world == saved or not state.batch_size:
+        return
+    samples = state.batches_done * state.batch_size * state.num_processes
+    per_step = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    if samples % per_step:
+        raise UserError(
+            f"--resume-from-checkpoint: this checkpoint was taken {state.batches_done} batches "
+            f"into epoch {state.epoch + 1} with {state.num_processes} process(es) x batch "
+            f"{state.batch_size}; its {samples} images are not a whole number of this run's "
+            f"optimiser steps ({accelerator.num_processes} x {cfg.batch_size} x "
+            f"{cfg.gradient_accumulation_steps}). Resume with the same processes and "
+            "--batch-size, or from an epoch-end checkpoint (any world size)")
+    skipped = state.step - state.schedule_position()  # by the fp16 GradScaler
+    state.batches_done = samples // (cfg.batch_size * accelerator.num_processes)
+    state.step = state.epoch * steps_per_epoch + state.batches_done // \
+        cfg.gradient_accumulation_steps
+    state.schedule_steps = max(0, state.step - skipped)
+    accelerator.print(f"resuming a checkpoint of {saved[0]} process(es) x batch {saved[1]} on "
+                      f"{world[0]} x {world[1]}: epoch {state.epoch + 1}, batch "
+                      f"{state.batches_done}/{loader_len}, optimiser step {state.step} (same "
+                      "images seen; not bit-identical to an uninterrupted run)")
+
+
+def apply_resume(accelerator, cfg, ckpt: Checkpoint, model, optimizer, *, scheduler,
+                 loader_len: int, steps_per_epoch: int, output_dir: str) -> None:
+    """Put the prepared model, optimiser and schedule where the checkpoint stood; the main
+    process sets aside later checkpoints, restores best/ and cuts metrics.jsonl back."""
+    state = ckpt.state
+    convert_progress(accelerator, cfg, state, loader_len, steps_per_epoch)
+    apply_checkpoint(accelerator, ckpt, model, optimizer)
+    # the schedule's own position: an fp16 run's schedule waited on the skipped steps
+    position_scheduler(scheduler, state.schedule_position())
+    if accelerator.is_main_process:
+        set_aside_later_checkpoints(output_dir, state.step)
+        restore_best(output_dir, ckpt)
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        if os.path.exists(metrics_path):
+            # rows the interrupted run wrote after this checkpoint will be computed again
+            rows, torn = read_jsonl(metrics_path)
+            if torn:
+                accelerator.print(f"{metrics_path}: its last line was cut off by the crash; "
+                                  "dropped (that row is computed again)")
+            write_jsonl(metrics_path, [r for r in rows if r["epoch"] <= state.epoch])
+    accelerator.wait_for_everyone()
+    accelerator.print(f"Resuming from {ckpt.path}: epoch {state.epoch + 1}, batch "
+                      f"{state.batches_done}, optimiser step {state.step}")

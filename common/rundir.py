@@ -1,0 +1,41 @@
+"""The run folder: chosen once for all processes, never written over by accident."""
+
+import os
+import shutil
+import time
+
+from accelerate.utils import broadcast_object_list
+
+from common.errors import UserError
+
+RUN_FILES = ("results.json", "metrics.jsonl", "best", "checkpoints")  # what a run writes
+
+
+def check_output_dir(cfg, output_dir, is_main):
+    """Never train over an earlier run by accident, and never delete what we did not write.
+    Every rank checks (so all stop together); the main one deletes."""
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if not found or cfg.resume_from_checkpoint:
+        return
+    if not cfg.overwrite_output_dir:
+        what = "a finished run" if "results.json" in found else "an unfinished run"
+        hint = ("" if "results.json" in found
+                else "--resume-from-checkpoint latest to continue it, or ")
+        raise UserError(f"--output-dir {output_dir} already holds {what} ({', '.join(found)}); "
+                        f"use {hint}--overwrite-output-dir to replace it, or another folder")
+    if not is_main:
+        return
+    for f in found:  # only our own files; anything else in the folder stays
+        path = os.path.join(output_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f"--overwrite-output-dir: removed {', '.join(found)} from {output_dir}")
+
+
+def choose_output_dir(cfg, script, state):
+    """The run folder: --output-dir, or outputs/<script>-<time> as the main process reads the
+    clock (other ranks may read it a second later)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    chosen = [cfg.output_dir or os.path.join("outputs", f"{script}-{stamp}")]
+    if state.num_processes > 1:
+        broadcast_object_list(chosen)
+    return chosen[0]
