@@ -50,10 +50,8 @@ def main(argv=None):
     figures = None
     if cfg.cache_features:
         heads, train_loader, val_loader, train_images, val_images, figures = \
-            cached_feature_loaders(accelerator, cfg, network.model, network.head_names,
-                                   train_ds, val_ds, network.preprocessing,
-                                   num_workers(cfg, accelerator.num_processes),
-                                   network.channels_last)
+            cached_feature_loaders(accelerator, cfg, network, train_ds, val_ds,
+                                   workers=num_workers(cfg, accelerator.num_processes))
         # the heads alone train, on feature vectors (no memory format); best/ holds the
         # whole model
         network.feature_heads, network.channels_last = heads, False
@@ -68,8 +66,8 @@ def main(argv=None):
                     val_images=val_loader.dataset, class_weights=weights)
         optimizer = build_optimizer(cfg, nn.ModuleList(
             [network.model.get_submodule(h) for h in network.head_names]))
-    return fit(accelerator, cfg, network, data, optimizer, output_dir, started=started,
-               figures=figures)
+    return fit(accelerator, cfg, network, data, optimizer, output_dir=output_dir,
+               started=started, figures=figures)
 
 
 if __name__ == "__main__":

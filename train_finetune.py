@@ -72,8 +72,8 @@ def main(argv=None):
     # every layer is in the optimiser from the start, even while --freeze-epochs holds the
     # backbone: frozen parameters get no gradient and are left alone until unfrozen
     optimizer = build_optimizer(cfg, network.model, network.head_names)
-    return fit(accelerator, cfg, network, data, optimizer, output_dir, started=started,
-               probe=probe)
+    return fit(accelerator, cfg, network, data, optimizer, output_dir=output_dir,
+               started=started, probe=probe)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ and then check that it sees as many processes as the launcher started.
 accelerate_configs/cpu_2proc.yaml hides the GPUs from its workers itself (see there).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 
@@ -22,8 +24,14 @@ from common.hardware import (cpu_has_amx, cpu_has_native_bf16, gpu_has_native_bf
 from common.rundir import check_output_dir, choose_output_dir
 from common.tracking import resolve_report_to
 
+from typing import TYPE_CHECKING
 
-def setup_run(cfg, script):
+if TYPE_CHECKING:  # names for the type hints only
+    from common.config import TrainConfig
+    from torch import nn
+
+
+def setup_run(cfg: TrainConfig, script: str) -> tuple[Accelerator, str]:
     """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
     cpu = launcher_chose_cpu()
     state = PartialState(cpu=cpu)  # starts torch.distributed when launched with N processes
@@ -77,7 +85,7 @@ def setup_run(cfg, script):
     return accelerator, output_dir
 
 
-def seed_for_training(accelerator, seed):
+def seed_for_training(accelerator: Accelerator, seed: int) -> None:
     """Before the first training step: seed + process index on each rank, so dropout and
     drop-path masks differ between processes (each sees different images; identical masks
     would correlate their noise, as timm's train.py avoids too). What must be identical
@@ -87,7 +95,7 @@ def seed_for_training(accelerator, seed):
     set_seed(seed, device_specific=True)
 
 
-def bare_model(accelerator, model):
+def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """The module that holds the weights, with DDP and torch.compile's wrapper taken off.
     Not accelerator.unwrap_model's default: since accelerate 1.3 that can keep the compile
     wrapper (state_dict keys '_orig_mod.*': an export nothing else can load), and to keep it

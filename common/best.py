@@ -4,6 +4,8 @@
 Its scalars (`Best`) ride in every checkpoint's train state; the predictions per image (50k x
 1000 logits would be ~1 GB as JSON on every process) stay in best/predictions.safetensors."""
 
+from __future__ import annotations
+
 import dataclasses
 import os
 from typing import Optional
@@ -13,6 +15,12 @@ import torch
 from common.accelerator import bare_model
 from common.export import export_model, load_predictions
 from common.metrics import compute_metrics, score
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from common.checkpoint import TrainState
+    from torch import nn
 
 
 @dataclasses.dataclass
@@ -44,7 +52,8 @@ class BestKeeper:
         self.accelerator, self.cfg, self.network = accelerator, cfg, network
         self.class_names, self.dir = class_names, os.path.join(output_dir, "best")
 
-    def consider(self, state, epoch: int, val_m: dict, source: str, module) -> bool:
+    def consider(self, state: TrainState, epoch: int, val_m: dict, source: str,
+                 module: nn.Module) -> bool:
         """Keep (and export, main process) `module`, the trained module or its EMA, if its
         --select-metric beats the best so far. Returns whether it did."""
         new_score = score(val_m, self.cfg.select_metric)
@@ -79,7 +88,7 @@ class BestKeeper:
         return full
 
 
-def best_predictions(output_dir: str, metrics: dict, class_names: list):
+def best_predictions(output_dir: str, metrics: dict, class_names: list) -> tuple[dict, dict, list]:
     """Main process: the best model's val predictions (lists by name) from best/, and its
     per-class figures and confusion matrix computed from them."""
     loaded = load_predictions(os.path.join(output_dir, "best"))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def fit_temperature(logits, labels, steps=100, low=0.1, high=10.0):
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100, low: float = 0.1,
+                    high: float = 10.0) -> float:
     """The T minimising mean NLL of softmax(logits / T) (LBFGS on log T), kept in
     [low, high]: when val is perfectly separated the optimum runs off towards T -> 0, which
     would claim certainty from a few hundred images."""
@@ -31,7 +32,8 @@ def fit_temperature(logits, labels, steps=100, low=0.1, high=10.0):
     return min(max(float(log_t.detach().exp()), low), high)
 
 
-def expected_calibration_error(logits, labels, temperature=1.0, bins=15):
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                               bins: int = 15) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
     probs = (torch.as_tensor(logits, dtype=torch.float64) / temperature).softmax(-1)
     conf, pred = probs.max(-1)

@@ -6,10 +6,17 @@ how well it did (with the uncertainty of a small val set), how to load it, and w
 short.
 """
 
+from __future__ import annotations
+
 import os
 
 from common.models import split_model_name
 from common.pretrained import BUNDLED
+
+from typing import Optional, TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from common.config import TrainConfig
 
 
 def _dataset_name(cfg):
@@ -20,7 +27,7 @@ def _dataset_name(cfg):
     return "hymenoptera (ants/bees, the PyTorch transfer-learning tutorial's set)"
 
 
-def model_card(cfg, results, timm_arch, card_files):
+def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_files: set) -> str:
     """Markdown text of the card. `timm_arch`: the timm architecture (None: torchvision)."""
     names = results["class_names"]
     acc, (low, high) = results["best_val_accuracy"], results["best_val_accuracy_ci95"]

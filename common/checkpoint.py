@@ -27,6 +27,8 @@ Resuming from an older checkpoint moves the abandoned later ones aside
 (`checkpoints/abandoned/`) and restores `best/` to what it was at that checkpoint.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import io
@@ -39,7 +41,7 @@ import stat
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,6 +55,12 @@ from common.engine import Totals
 from common.errors import UserError
 from common.export import PREDICTIONS, cpu_state_dict
 from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
+
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.ema import ModelEma
+    from torch import nn
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -99,7 +107,7 @@ class TrainState:
     # (None in checkpoints written before it was kept: then `step`)
     schedule_steps: Optional[int] = None
 
-    def schedule_position(self):
+    def schedule_position(self) -> int:
         """Where a resumed LR schedule continues."""
         return self.step if self.schedule_steps is None else self.schedule_steps
 
@@ -157,7 +165,9 @@ def _complete_checkpoints(root):
                   if d.startswith("step-") and os.path.isfile(os.path.join(root, d, MANIFEST)))
 
 
-def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limit, extra=None):
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainState, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, *, total_limit: int,
+                    extra: Optional[dict] = None) -> str:
     """All ranks (each writes its RNG states; the main one the rest) into a temporary folder,
     then (main) a manifest, an atomic rename to checkpoints/step-N, the `latest` pointer, and
     pruning to the last `total_limit`. A kill at any point leaves `latest` naming a complete
@@ -202,7 +212,7 @@ def save_checkpoint(accelerator, output_dir, state, model, optimizer, total_limi
 
 # --- loading ------------------------------------------------------------------------------
 
-def resolve_checkpoint(arg, output_dir):
+def resolve_checkpoint(arg: str, output_dir: str) -> str:
     """The checkpoint folder for `--resume-from-checkpoint latest|PATH`."""
     if arg != "latest":
         path = arg
@@ -271,7 +281,7 @@ def _read_inside(path, rel):
         return fh.read()
 
 
-def read_checkpoint(path, keep_best=True):
+def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
     """Read every file of a checkpoint once, check it against the manifest, parse it with a
     parser that cannot run code (JSON, safetensors, torch.load weights_only=True).
     `keep_best`: keep the bytes of best/ (the main process restores it); other processes
@@ -343,7 +353,8 @@ def read_checkpoint(path, keep_best=True):
                       rng=rng, best=best, extra=extra)
 
 
-def load_checkpoint(arg, output_dir, say=print, keep_best=True):
+def load_checkpoint(arg: str, output_dir: str, say: Callable = print,
+                    keep_best: bool = True) -> Checkpoint:
     """The checkpoint named by `--resume-from-checkpoint arg`, read and checked. For `latest`,
     a newest checkpoint that fails its digests (a crash or a full disk cut it short after
     the pointer moved) is passed over for the one before it, saying so in one line; a
@@ -365,7 +376,7 @@ def load_checkpoint(arg, output_dir, say=print, keep_best=True):
                 f"the checkpoint before it, {os.path.basename(candidates[i + 1])}")
 
 
-def set_aside_later_checkpoints(output_dir, step):
+def set_aside_later_checkpoints(output_dir: str, step: int) -> None:
     """Main process, on resume: checkpoints after `step` belong to the run being abandoned;
     move them to checkpoints/abandoned/ so `latest` and pruning only see the new run."""
     root = os.path.join(output_dir, CHECKPOINTS)
@@ -380,7 +391,7 @@ def set_aside_later_checkpoints(output_dir, step):
           f"({', '.join(later)}) to {dest}")
 
 
-def restore_best(output_dir, ckpt):
+def restore_best(output_dir: str, ckpt: Checkpoint) -> None:
     """Main process: best/ as it was when the checkpoint was taken (or none). Only the
     checked names of read_checkpoint are written, each inside <output_dir>/best."""
     best = os.path.join(output_dir, "best")
@@ -404,7 +415,8 @@ def _optimizer_kind(state_dict):
     return "adamw" if "betas" in state_dict["param_groups"][0] else "sgd"
 
 
-def apply_checkpoint(accelerator, ckpt, model, optimizer):
+def apply_checkpoint(accelerator: Accelerator, ckpt: Checkpoint, model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> None:
     """Load the parsed tensors into the (prepared) model and optimiser, and the scaler. The
     gradient-accumulation counter restarts: checkpoints are only taken right after an
     optimiser step."""
@@ -419,7 +431,7 @@ def apply_checkpoint(accelerator, ckpt, model, optimizer):
     accelerator.step = 0
 
 
-def restore_rng(accelerator, ckpt, seed):
+def restore_rng(accelerator: Accelerator, ckpt: Checkpoint, seed: int) -> None:
     """This process's RNG states as saved (a process the checkpoint did not have keeps the
     per-rank seed instead)."""
     rng = ckpt.rng.get(accelerator.process_index)
@@ -454,7 +466,8 @@ class CheckpointPolicy:
         """A time box (--max-train-steps) inside an epoch saves its place, unless 'no'."""
         return self.every != "no"
 
-    def save(self, accelerator, state: TrainState, model, optimizer, *, ema=None,
+    def save(self, accelerator: Accelerator, state: TrainState, model: nn.Module,
+             optimizer: torch.optim.Optimizer, *, ema: Optional[ModelEma] = None,
              wall_seconds: float = 0.0) -> str:
         """All ranks: the checkpoint of `state` (its sums already over all processes)."""
         position = (state.step, state.epoch, state.batches_done)
@@ -468,6 +481,7 @@ class CheckpointPolicy:
             ema.sync(accelerator)  # every rank saves rank 0's average
             state.ema_updates = ema.updates
         self.path = save_checkpoint(accelerator, self.output_dir, state, model, optimizer,
-                                    self.limit, {"ema": ema.state_dict()} if ema else None)
+                                    total_limit=self.limit,
+                                    extra={"ema": ema.state_dict()} if ema else None)
         self.saved_at = position
         return self.path

@@ -15,22 +15,22 @@ import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
 
-def float_or_auto(text):
+def float_or_auto(text: Any) -> Union[float, str]:
     """--lr: a number, or 'auto' (an LR range test picks it, see common/lr_finder.py)."""
     return "auto" if str(text).strip().lower() == "auto" else float(text)
 
 
-def int_or_auto(text):
+def int_or_auto(text: Any) -> Union[int, str]:
     """--epochs: a number, or 'auto' (a budget of optimiser steps, see --budget-steps)."""
     return "auto" if str(text).strip().lower() == "auto" else int(text)
 
 
-def opt(default, help, **kwargs):
+def opt(default: Any, help: str, **kwargs) -> Any:
     """A config field with its help text (and optional argparse `choices`)."""
     return field(default=default, metadata=dict(help=help, **kwargs))
 
@@ -241,7 +241,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(cls, description):
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = _Parser(
         description=description, formatter_class=_Formatter)
     parser.add_argument("--config", metavar="FILE.yaml",
@@ -348,7 +348,7 @@ def _validate(parser, cfg):
         parser.error(f"--model: {e}")
 
 
-def parse_config(cls, description, argv=None):
+def parse_config(cls: type, description: str, argv: Optional[list] = None) -> TrainConfig:
     """Parse `argv` into a `cls` instance; bad values exit with a one-line argparse error."""
     parser = build_parser(cls, description)
     pre, _ = parser.parse_known_args(argv)
@@ -361,6 +361,6 @@ def parse_config(cls, description, argv=None):
     return cfg
 
 
-def save_config(cfg, path):
+def save_config(cfg: TrainConfig, path: str) -> None:
     with open(path, "w") as fh:
         yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)

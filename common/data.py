@@ -14,6 +14,8 @@ CenterCrop for evaluation) with input size, resize, mean/std and interpolation t
 the model's pretrained config (`preprocessing`), never hard-coded.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import io
@@ -21,7 +23,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -37,6 +39,11 @@ from common.images import decode_image, decode_sizes, to_rgb  # noqa: F401 (also
 from common.labels import check_label_range, labels_of, unknown_labels
 from common.memory import keep_host_memory
 from common.streaming import load_streaming, streaming_loaders
+
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
 
 
 @dataclasses.dataclass
@@ -56,7 +63,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 VAL_SPLIT_FALLBACKS = ("validation", "val", "valid", "test")
 
 
-def image_files(folder):
+def image_files(folder: str) -> list:
     """Image files below `folder`, recursively and sorted, by ImageFolder's rules (its
     extensions, hidden files skipped): one rule for training and for predict.py."""
     return [os.path.join(dirpath, name)
@@ -87,7 +94,8 @@ def _to_dataset(files, labels, classes):
     return datasets.Dataset.from_dict({"image": files, "label": labels}, features=features)
 
 
-def load_image_folder(data_dir, val_fraction, seed):
+def load_image_folder(data_dir: str, val_fraction: float,
+                      seed: int) -> tuple[datasets.Dataset, datasets.Dataset, list]:
     """(train, val, class_names) from an image folder with train/ and optionally val/."""
     flag = f"--data-dir {data_dir}"
     if not os.path.isdir(data_dir):
@@ -118,7 +126,7 @@ def _split_off_val(train, val_fraction, seed, why):
     return parts["train"], parts["test"]
 
 
-def load_hub_dataset(cfg):
+def load_hub_dataset(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Dataset, list]:
     """(train, val, class_names) from `--dataset` with the configured columns and splits."""
     name = cfg.dataset
     try:
@@ -199,7 +207,8 @@ def _encode_labels(ds, flag, split, classes=None):
     return ds, classes
 
 
-def build_transforms(preprocessing, train_crop_scale=0.08, augment="basic", random_erasing=0.0):
+def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augment: str = "basic",
+                     random_erasing: float = 0.0) -> tuple[v2.Compose, v2.Compose]:
     """(train, eval) transforms from the model's preprocessing config. Training: the
     tutorial's RandomResizedCrop + horizontal flip, then optionally TrivialAugmentWide or
     RandAugment, and RandomErasing (after normalising: erased pixels become the mean)."""
@@ -218,7 +227,7 @@ def build_transforms(preprocessing, train_crop_scale=0.08, augment="basic", rand
     return train, evaluation
 
 
-def training_transforms(preprocessing, cfg):
+def training_transforms(preprocessing: dict, cfg: TrainConfig) -> tuple[v2.Compose, v2.Compose]:
     """build_transforms with the run's augmentation flags."""
     return build_transforms(preprocessing, cfg.train_crop_scale, cfg.augment, cfg.random_erasing)
 
@@ -234,7 +243,7 @@ class BalancedSampler(torch.utils.data.Sampler):
         self.weights = 1.0 / counts[labels]
         self.seed, self.epoch = seed, 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
@@ -247,7 +256,7 @@ class BalancedSampler(torch.utils.data.Sampler):
                                       generator=g).tolist())
 
 
-def label_counts(split, num_classes):
+def label_counts(split: datasets.Dataset, num_classes: int) -> list:
     """Images per class: from the label column, or from a stream's label pass."""
     if getattr(split, "counts", None) is not None:
         return torch.tensor([split.counts.get(v, 0) for v in sorted(split.counts)])
@@ -257,7 +266,7 @@ def label_counts(split, num_classes):
     return torch.bincount(torch.as_tensor(labels_of(split)), minlength=num_classes)
 
 
-def class_weights(cfg, split, num_classes):
+def class_weights(cfg: TrainConfig, split: datasets.Dataset, num_classes: int) -> Optional[list]:
     """--class-weights auto: N / (classes x count of the class), so that every class weighs
     as much in the loss as a balanced set would make it (None: plain mean)."""
     if cfg.class_weights != "auto":
@@ -266,7 +275,7 @@ def class_weights(cfg, split, num_classes):
     return (counts.sum() / (num_classes * counts.clamp(min=1).double())).tolist()
 
 
-def train_order(cfg, labels):
+def train_order(cfg: TrainConfig, labels: torch.Tensor) -> dict:
     """DataLoader keyword arguments for the training order (--sampler)."""
     if cfg.sampler == "balanced":
         return dict(sampler=BalancedSampler(labels, cfg.seed))
@@ -309,7 +318,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": x, "labels": row["label"], "index": i}
 
 
-def set_epoch(loader, epoch):
+def set_epoch(loader: Iterable, epoch: int) -> None:
     """Start epoch `epoch` of a prepared training loader: the sampler's shuffle (seed + epoch,
     identical on every rank) and the augmentation seeds."""
     loader.set_epoch(epoch)
@@ -323,7 +332,7 @@ def _worker_ignores_stop_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def default_num_workers(num_processes):
+def default_num_workers(num_processes: int) -> int:
     """Loader workers per training process, from the CPU cores nobody else uses. With a GPU,
     one core per process drives it and the rest decode. Training on the CPU, every process
     already runs torch's threads (`accelerate launch` sets --num_cpu_threads_per_process),
@@ -335,11 +344,12 @@ def default_num_workers(num_processes):
     return max(0, min(8, (cores - num_processes * per_process) // max(1, num_processes)))
 
 
-def num_workers(cfg, num_processes):
+def num_workers(cfg: TrainConfig, num_processes: int) -> int:
     return cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
 
 
-def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None):
+def build_dataloaders(train: Any, val: Any, preprocessing: dict, cfg: TrainConfig,
+                      num_processes: int, *, views: Optional[int] = None) -> tuple:
     """Train (shuffled) and eval DataLoaders, before `accelerator.prepare`. The shuffle order
     comes from Accelerate's seedable sampler (see accelerator.py), seeded with --seed + epoch.
     `views`: None = a new augmentation every epoch; K >= 1 = K augmentations per image,
@@ -355,8 +365,8 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
         if cfg.sampler == "balanced":
             raise UserError("--sampler balanced needs random access; with --streaming use "
                             "--class-weights auto")
-        return streaming_loaders(train, val, train_tf, eval_tf, cfg, PartialState(), workers,
-                                 (train_side, eval_side))
+        return streaming_loaders(train, val, train_tf, eval_tf, cfg, accelerator=PartialState(),
+                                 workers=workers, sides=(train_side, eval_side))
     common = dict(batch_size=cfg.batch_size, num_workers=workers,
                   persistent_workers=workers > 0, pin_memory=not launcher_chose_cpu(),
                   worker_init_fn=_worker_ignores_stop_signals,
@@ -370,7 +380,7 @@ def build_dataloaders(train, val, preprocessing, cfg, num_processes, views=None)
     return train_loader, val_loader
 
 
-def load_data(cfg, accelerator):
+def load_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
     """(train, val, class_names) from --data-dir, --dataset, or the tutorial's ants/bees set
     (the compact copy shipped with the package; --download-original-data: the original
     archive, downloaded into data/ by the main process first), without the images that do

@@ -31,7 +31,7 @@ HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 HYMENOPTERA_DIGEST = "15d89271f257b89832a79a665d92fea577411e875ab6be14222a571af4b2b359"
 
 
-def tree_digest(root, subdirs=("train", "val")):
+def tree_digest(root: str, subdirs: tuple = ("train", "val")) -> str:
     """sha256 of the sorted lines '<relative path> <sha256 of file>' below root/subdirs."""
     lines = []
     for sub in subdirs:
@@ -44,7 +44,7 @@ def tree_digest(root, subdirs=("train", "val")):
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
 
 
-def download_and_extract(url, dest, expected_digest, timeout=15):
+def download_and_extract(url: str, dest: str, expected_digest: str, timeout: float = 15) -> str:
     """Download the zip at `url`, extract its single top folder as `dest`, verify, rename.
 
     Returns `dest`. Raises UserError (naming --data-dir) when the network or the check fails.
@@ -91,7 +91,7 @@ BUNDLED_HYMENOPTERA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "
                                    "hymenoptera_data")
 
 
-def bundled_hymenoptera():
+def bundled_hymenoptera() -> str:
     """Path of the compact ants/bees copy shipped with the package, after checking every file
     against its manifest (12 MB: a few tens of milliseconds)."""
     manifest = os.path.join(BUNDLED_HYMENOPTERA, "MANIFEST.tsv")
@@ -111,7 +111,7 @@ def bundled_hymenoptera():
     return BUNDLED_HYMENOPTERA
 
 
-def ensure_hymenoptera(root="data"):
+def ensure_hymenoptera(root: str = "data") -> str:
     """Path of the tutorial's dataset under `root`, downloading it the first time."""
     dest = os.path.join(root, "hymenoptera_data")
     if os.path.isdir(dest):

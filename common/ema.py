@@ -19,14 +19,22 @@ its own batch): `sync` gives every rank rank 0's average before it is evaluated 
 all ranks score and keep the same model.
 """
 
+from __future__ import annotations
+
 import torch
 from accelerate.utils import broadcast
 from timm.utils.model_ema import ModelEmaV3
 
+from typing import Optional, TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from torch import nn
+
 WARMUP_POWER = 0.75  # timm: 3/4 for runs of up to ~100k steps, 2/3 for longer ones
 
 
-def ema_decay(max_decay, updates):
+def ema_decay(max_decay: float, updates: int) -> float:
     """The weight of the old average at the update after `updates` earlier ones."""
     return min(max_decay, 1.0 - (1.0 + updates) ** -WARMUP_POWER)
 
@@ -40,12 +48,12 @@ class ModelEma:
                               stochastic_rounding=False)
 
     @torch.no_grad()
-    def update(self, module):
+    def update(self, module: nn.Module) -> None:
         self.updates += 1
         self.ema.update(module, step=self.updates)
 
     @torch.no_grad()
-    def sync(self, accelerator):
+    def sync(self, accelerator: Accelerator) -> None:
         """Every process: rank 0's average (a no-op on one process)."""
         if accelerator.num_processes == 1:
             return
@@ -53,13 +61,13 @@ class ModelEma:
             t.copy_(broadcast(t.clone(), from_process=0))
 
     @property
-    def module(self):
+    def module(self) -> nn.Module:
         return self.ema.module
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return self.ema.module.state_dict()
 
-    def load_state_dict(self, state, updates=None):
+    def load_state_dict(self, state: dict, updates: Optional[int] = None) -> None:
         """Tensors of `state_dict()`; checkpoints written before the count moved to the train
         state carry it as `n_averaged` (and their keys under `module.`)."""
         state = dict(state)

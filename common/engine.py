@@ -18,11 +18,13 @@ sums, as `gather_for_metrics` leaves it out of validation metrics.
 Global batch = batch-size x processes x gradient-accumulation-steps.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
 import signal
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -33,6 +35,12 @@ from tqdm.auto import tqdm
 from common.errors import UserError
 from common.metrics import compute_metrics
 from common.memory import trim_host_memory
+
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.checkpoint import TrainState
+    from torch.optim.lr_scheduler import LRScheduler
 
 
 class StopSignal:
@@ -48,14 +56,14 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def restore(self):
+    def restore(self) -> None:
         """Put back the handlers that were there before (a second run in one process)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
 
-def make_loss(label_smoothing=0.0, class_weights=None):
+def make_loss(label_smoothing: float = 0.0, class_weights: Optional[list] = None) -> Callable:
     """Per-sample cross-entropy of the training objective (the val loss stays plain).
     `labels` are class indices, or class probabilities (MixUp/CutMix); `class_weights`
     (--class-weights auto) weigh each sample by its class."""
@@ -104,8 +112,9 @@ def model_inputs(batch: dict, channels_last: bool) -> tuple[torch.Tensor, torch.
     return x, batch["labels"]
 
 
-def train_step(model: torch.nn.Module, optimizer, batch: dict, loss_fn: Callable, *,
-               accelerator=None, mix: Optional[BatchMix] = None, key: tuple = (0, 0, 0),
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+               loss_fn: Callable, *, accelerator: Optional[Accelerator] = None,
+               mix: Optional[BatchMix] = None, key: tuple = (0, 0, 0),
                channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The one training step: forward, per-sample loss, backward and (once the accumulation
     window is full) optimiser step. `key` (epoch, batch, process) seeds --mixup/--cutmix.
@@ -131,10 +140,10 @@ def train_step(model: torch.nn.Module, optimizer, batch: dict, loss_fn: Callable
     return per_sample.detach(), logits.detach()
 
 
-def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, state, loss_fn: Callable,
-                *, sums: tuple = (), accelerator=None, remainder: int = 0,
-                mix: Optional[BatchMix] = None,
-                channels_last: bool = False) -> Iterator[None]:
+def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                scheduler: Optional[LRScheduler], state: TrainState, *, loss_fn: Callable,
+                sums: tuple = (), accelerator: Optional[Accelerator] = None, remainder: int = 0,
+                mix: Optional[BatchMix] = None, channels_last: bool = False) -> Iterator[None]:
     """Train on `loader` (the rest of epoch `state.epoch`), yielding after every optimiser
     step: the caller logs, checkpoints and stops between steps, and ends the epoch early by
     leaving its `for`. Each batch's loss, correct predictions and samples are added to every
@@ -169,7 +178,7 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scheduler, state, los
         yield
 
 
-def last_batch_remainder(loader, num_processes: int) -> int:
+def last_batch_remainder(loader: Iterable, num_processes: int) -> int:
     """Real samples in the last global batch of an epoch of `loader` (0: it is full, nothing
     padded), from the dataset's length and the global batch. Not Accelerate's
     `gradient_state.remainder`: a loader resumed with `skip_first_batches` may report -1
@@ -206,7 +215,7 @@ class Totals:
     samples: float = 0.0  # samples (padding excluded)
 
     @classmethod
-    def read(cls, saved) -> "Totals":
+    def read(cls, saved: Union[dict, list]) -> "Totals":
         """From a train state: a dict, or the [loss, correct, samples] list of older ones."""
         return cls(*saved) if isinstance(saved, (list, tuple)) else cls(**saved)
 
@@ -224,17 +233,18 @@ class Sums:
         self.t = torch.tensor([start.loss, start.correct, start.samples], dtype=dtype,
                               device=device)
 
-    def add(self, per_sample, correct, weight):
+    def add(self, per_sample: torch.Tensor, correct: torch.Tensor,
+            weight: Optional[torch.Tensor]) -> None:
         if weight is None:
             weight = torch.ones_like(per_sample)
         self.t += torch.stack([(per_sample * weight).sum(), (correct * weight).sum(),
                                weight.sum()]).to(self.t.dtype)
 
-    def reset(self):
+    def reset(self) -> None:
         self.t.zero_()
 
 
-def reduce_sums(accelerator, sums: Sums, stop: StopSignal) -> tuple[Totals, bool]:
+def reduce_sums(accelerator: Accelerator, sums: Sums, stop: StopSignal) -> tuple[Totals, bool]:
     """All processes: the sums over processes and whether any process was signalled to
     stop. One all-reduce and one copy to the host."""
     flag = torch.tensor([float(stop.signum)], dtype=sums.t.dtype, device=sums.t.device)
@@ -242,7 +252,7 @@ def reduce_sums(accelerator, sums: Sums, stop: StopSignal) -> tuple[Totals, bool
     return Totals(*total[:3]), total[3] > 0
 
 
-def check_finite(totals: Totals, state) -> None:
+def check_finite(totals: Totals, state: TrainState) -> None:
     loss = totals.loss / max(totals.samples, 1)
     if not math.isfinite(loss):
         raise UserError(f"training loss became {loss} at epoch {state.epoch + 1}, step "
@@ -251,8 +261,9 @@ def check_finite(totals: Totals, state) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, metrics: dict, class_names: list, *,
-             accelerator=None, tta: bool = False, channels_last: bool = False) -> dict:
+def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_names: list, *,
+             accelerator: Optional[Accelerator] = None, tta: bool = False,
+             channels_last: bool = False) -> dict:
     """Exact loss/accuracy/per-class metrics over the whole eval set, on every rank.
     Per-sample results stay on the device until one gather at the end; Accelerate's padding
     repeats samples with their dataset index, so keeping one row per index counts every

@@ -2,13 +2,14 @@
 
 import functools
 import sys
+from typing import Callable
 
 
 class UserError(Exception):
     """Bad input (a path, a flag, a file): the message says what is wrong and what to do."""
 
 
-def cli(main):
+def cli(main: Callable) -> Callable:
     """Wrap an entry point: a `UserError` prints `error: <message>` and exits with status 2."""
 
     @functools.wraps(main)

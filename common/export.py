@@ -7,6 +7,8 @@ so `predict.py` and users' own code can load it. The folder is written beside it
 place and renamed into it, so a crash never leaves a half-replaced model.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import tempfile
@@ -17,10 +19,15 @@ from safetensors.torch import load_file, save_file
 from common.errors import UserError
 from common.files import new_temp_dir, replace_dir, write_json
 
+from typing import Callable, Optional, TYPE_CHECKING, Union
+
+if TYPE_CHECKING:  # names for the type hints only
+    from torch import nn
+
 EXPORT_FORMAT = 1
 
 
-def cpu_state_dict(state):
+def cpu_state_dict(state: Union[dict, nn.Module]) -> dict:
     """fp32 CPU copies of a state dict's tensors (or a module's). contiguous(): channels-last
     tensors are strided views that safetensors refuses."""
     if isinstance(state, torch.nn.Module):
@@ -32,7 +39,8 @@ def cpu_state_dict(state):
 PREDICTIONS = "predictions.safetensors"
 
 
-def export_model(state, out_dir, meta, model=None, predictions=None):
+def export_model(state: Union[dict, nn.Module], out_dir: str, meta: dict,
+                 model: Optional[nn.Module] = None, predictions: Optional[dict] = None) -> None:
     """Write a model's weights (a module or its state dict) and `meta` to `out_dir`,
     replacing any previous export whole. For a timm `model` (its architecture), also timm's
     own config.json with the class names, which makes the folder a timm/Hub model folder:
@@ -53,13 +61,13 @@ def export_model(state, out_dir, meta, model=None, predictions=None):
     replace_dir(tmp, out_dir)
 
 
-def load_predictions(out_dir):
+def load_predictions(out_dir: str) -> Optional[dict]:
     """The val predictions an export holds (tensors by name), or None."""
     path = os.path.join(out_dir, PREDICTIONS)
     return load_file(path) if os.path.isfile(path) else None
 
 
-def update_export(out_dir, meta=None, files=None):
+def update_export(out_dir: str, meta: Optional[dict] = None, files: Optional[dict] = None) -> None:
     """Add to an export in place, each file atomically: keys of model.json, other files
     (name -> bytes or text)."""
     from common.files import write_text
@@ -78,7 +86,7 @@ def update_export(out_dir, meta=None, files=None):
             write_text(os.path.join(out_dir, name), data)
 
 
-def load_exported(path, device="cpu"):
+def load_exported(path: str, device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, meta) from an export folder or a run folder (its `best/`)."""
     from common.models import build_model
 
@@ -114,7 +122,7 @@ class OnnxModel:
         return torch.from_numpy(out)
 
 
-def load_onnx(path):
+def load_onnx(path: str) -> tuple[Callable, dict]:
     """(callable model, meta) from an ONNX file written by export.py."""
     import importlib.util
 

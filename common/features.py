@@ -27,6 +27,8 @@ together: every process reports whether it sees the file and it is a hit only if
 processes never disagree (separate home folders per node, a concurrent writer) and hang.
 """
 
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import json
@@ -48,6 +50,14 @@ from common.errors import UserError
 from common.models import in_heads
 from common.hardware import cpu_has_native_bf16, gpu_has_native_bf16
 from common.memory import trim_host_memory
+
+from typing import Iterator, TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
+    from common.models import Network
+    import datasets
 
 FORMAT = 2
 
@@ -76,13 +86,13 @@ class FeatureHeads(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.dims = list(dims)
 
-    def forward(self, features):
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         outs = [h(f) for h, f in zip(self.heads, features.split(self.dims, dim=-1))]
         return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
 
 
 @contextlib.contextmanager
-def head_inputs(model, head_names):
+def head_inputs(model: nn.Module, head_names: tuple) -> Iterator[list]:
     """While active, `captured` holds what each head received in the last forward."""
     captured = [None] * len(head_names)
 
@@ -100,7 +110,7 @@ def head_inputs(model, head_names):
             handle.remove()
 
 
-def extract_precision(cfg, device):
+def extract_precision(cfg: TrainConfig, device: torch.device) -> str:
     """'bf16' or 'fp32' for the frozen backbone's forward (--extract-precision auto: bf16
     where the device has it natively, where it is ~2x faster than fp32)."""
     if cfg.extract_precision != "auto":
@@ -110,7 +120,8 @@ def extract_precision(cfg, device):
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
-def cache_key(model, head_names, cfg, preprocessing, digests, settings):
+def cache_key(model: nn.Module, head_names: tuple, cfg: TrainConfig, preprocessing: dict,
+              digests: tuple, *, settings: dict) -> str:
     """The cache entry's name: a hash of everything the features depend on."""
     h = hashlib.sha256()
     h.update(json.dumps(dict(model=cfg.model, preprocessing=preprocessing,
@@ -185,11 +196,14 @@ def _cache_dir(cfg):
         "transfer-learning", "features")
 
 
-def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, preprocessing,
-                           workers, channels_last):
+def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: Network,
+                           train: datasets.Dataset, val: datasets.Dataset, *,
+                           workers: int) -> tuple:
     """(FeatureHeads to train, train loader, val loader, train images, val images, info)
-    over cached features; extracts them first when the cache has no entry for this exact
-    model, data, transform and precision."""
+    over cached features of `network` (a models.Network); extracts them first when the cache
+    has no entry for this exact model, data, transform and precision."""
+    model, head_names = network.model, network.head_names
+    preprocessing, channels_last = network.preprocessing, network.channels_last
     train_tf, eval_tf = training_transforms(preprocessing, cfg)
     views = max(cfg.feature_views, 1)
     train_side, eval_side = decode_sizes(preprocessing, cfg)
@@ -208,8 +222,8 @@ def cached_feature_loaders(accelerator, cfg, model, head_names, train, val, prep
     if accelerator.is_main_process:  # hashing weights and stat-ing every image: once
         key[0] = cache_key(model, head_names, cfg, preprocessing,
                            (identity_digest(train), identity_digest(val)),
-                           dict(precision=precision, channels_last=channels_last,
-                                device=device.type))
+                           settings=dict(precision=precision, channels_last=channels_last,
+                                         device=device.type))
     if accelerator.num_processes > 1:
         broadcast_object_list(key)
     path = os.path.join(cache_dir, key[0] + ".safetensors")

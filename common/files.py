@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Any
 
 
 def _umask():
@@ -21,12 +22,12 @@ def _umask():
     return mask
 
 
-def usual_mode(path, directory=False):
+def usual_mode(path: str, directory: bool = False) -> None:
     """mkstemp/mkdtemp create 0600/0700 entries; give the user's usual permissions."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     """Make the entries of folder `path` (files created or renamed in it) durable."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -40,7 +41,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def fsync_tree(path):
+def fsync_tree(path: str) -> None:
     """fsync every file and folder under `path` (a finished temporary folder, before the
     rename that publishes it)."""
     for folder, _, files in os.walk(path):
@@ -53,7 +54,7 @@ def fsync_tree(path):
         fsync_dir(folder)
 
 
-def write_text(path, text):
+def write_text(path: str, text: str) -> None:
     """Atomically and durably replace `path` with `text`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
@@ -66,12 +67,12 @@ def write_text(path, text):
     fsync_dir(folder)
 
 
-def write_json(path, obj):
+def write_json(path: str, obj: Any) -> None:
     """Atomically replace `path` with `obj` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_jsonl(path):
+def read_jsonl(path: str) -> tuple[list, bool]:
     """(rows, torn): the JSON lines of `path`; a last line cut short by a crash (no newline,
     or not JSON) is dropped and reported as `torn`, a bad line elsewhere raises ValueError."""
     with open(path) as fh:
@@ -89,19 +90,19 @@ def read_jsonl(path):
     return rows, torn
 
 
-def write_jsonl(path, rows):
+def write_jsonl(path: str, rows: list) -> None:
     """Atomically replace `path` with `rows` as JSON lines."""
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def append_jsonl(path, obj):
+def append_jsonl(path: str, obj: Any) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(obj) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def new_temp_dir(parent, prefix):
+def new_temp_dir(parent: str, prefix: str) -> str:
     """A fresh folder beside the final one, with the user's usual permissions."""
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
@@ -109,7 +110,7 @@ def new_temp_dir(parent, prefix):
     return tmp
 
 
-def replace_dir(tmp, final):
+def replace_dir(tmp: str, final: str) -> None:
     """Move the finished folder `tmp` to `final`, replacing whatever was there whole; its
     files reach the disk before the rename does."""
     parent = os.path.dirname(os.path.abspath(final))
@@ -124,7 +125,7 @@ def replace_dir(tmp, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def link_or_copy(src, dst):
+def link_or_copy(src: str, dst: str) -> None:
     """A hard link (free: exported files are never rewritten in place), else a copy."""
     try:
         os.link(src, dst)

@@ -13,6 +13,8 @@ hundred thousand images that must not cost memory or minutes on every run:
   nothing up front. Whether the cache hits is decided together, as for features.
 """
 
+from __future__ import annotations
+
 import hashlib
 import io
 import json
@@ -27,11 +29,16 @@ from accelerate.utils import gather_object
 
 from common.errors import UserError
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+
 CHUNK = 512
 FORMAT = 1
 
 
-def identity_digest(split, chunk=2000):
+def identity_digest(split: datasets.Dataset, chunk: int = 2000) -> str:
     """sha256 of what identifies `split`'s images, read a chunk at a time: each file's
     absolute path, size and mtime; or the dataset fingerprint when the images are stored in
     it (Hub/parquet datasets). Nothing is decoded, nothing is kept."""
@@ -89,7 +96,8 @@ def _cache_dir():
                         "transfer-learning", "image-checks")
 
 
-def find_unreadable(split, name, accelerator, workers):
+def find_unreadable(split: datasets.Dataset, name: str, accelerator: Accelerator,
+                    workers: int) -> list:
     """[(row, file or 'row N', reason)] of the images in `split` that do not decode; the same
     list on every process."""
     digest = identity_digest(split)
@@ -120,7 +128,8 @@ def find_unreadable(split, name, accelerator, workers):
     return bad
 
 
-def drop_unreadable(ds, split, strict, accelerator, workers):
+def drop_unreadable(ds: datasets.Dataset, split: str, strict: bool, accelerator: Accelerator,
+                    workers: int) -> datasets.Dataset:
     """Check that every image decodes. Unreadable ones (random bytes named .jpg, truncated
     or empty files) are dropped with a warning naming each, or, with --strict-images, are an
     error."""

@@ -1,6 +1,8 @@
 """Decoding an image file into an upright RGB picture: the one path for training, feature
 extraction, streaming and predict.py."""
 
+from __future__ import annotations
+
 import io
 import math
 
@@ -8,8 +10,13 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from typing import Optional, TYPE_CHECKING, Union
 
-def decode_image(source, min_side=None):
+if TYPE_CHECKING:  # names for the type hints only
+    from common.config import TrainConfig
+
+
+def decode_image(source: Union[str, dict], min_side: Optional[int] = None) -> PIL.Image.Image:
     """An upright RGB PIL image from a file path or a datasets Image dict ({"path", "bytes"}).
 
     JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8: PIL's draft mode) whose shorter
@@ -26,7 +33,7 @@ def decode_image(source, min_side=None):
     return to_rgb(PIL.ImageOps.exif_transpose(img))
 
 
-def decode_sizes(preprocessing, cfg=None):
+def decode_sizes(preprocessing: dict, cfg: Optional[TrainConfig] = None) -> tuple[int, int]:
     """(training, evaluation) smallest shorter side to decode at. Evaluation resizes to
     `resize`; a training crop covers at least --train-crop-scale of the image's area, so a
     shorter side of input_size / sqrt(scale) keeps every crop at full resolution."""
@@ -34,7 +41,7 @@ def decode_sizes(preprocessing, cfg=None):
     return math.ceil(preprocessing["input_size"] / math.sqrt(scale)), preprocessing["resize"]
 
 
-def to_rgb(img):
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     """RGB from any mode: grayscale, palette, RGBA, CMYK (PIL's conversions), and 16/32-bit
     integer or float images, which PIL's convert("RGB") clips to white: rescaled to 8 bits."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):

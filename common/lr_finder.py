@@ -20,10 +20,12 @@ gradient-accumulation counter and the RNG states are restored exactly, so traini
 follows is the run you would get by passing the suggested lr yourself.
 """
 
+from __future__ import annotations
+
 import copy
 import math
 import os
-from typing import Optional
+from typing import Callable, Iterable, Optional, TYPE_CHECKING
 
 import torch
 
@@ -34,6 +36,12 @@ from common.errors import UserError
 from common.models import set_train_mode
 from common.optim import set_peak_lr
 from common.accelerator import bare_model
+
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
+    from torch import nn
 
 START_LR, END_LR, BETA, DIVERGE = 1e-7, 10.0, 0.98, 4.0
 MIN_FALL = 0.1  # the smoothed loss must fall 10% for a suggestion
@@ -61,7 +69,7 @@ def _restore(accelerator, model, optimizer, saved):
     accelerator.step = 0  # gradient-accumulation counter: the next batch opens a window
 
 
-def suggest(lrs, smoothed):
+def suggest(lrs: list, smoothed: list) -> tuple[Optional[float], int]:
     """(suggested lr, index of the minimum): a tenth of the lr at the minimum smoothed loss,
     or None where the loss never fell MIN_FALL below its highest point before the minimum."""
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
@@ -83,9 +91,10 @@ class _StepLosses:
         self.means.append(per_sample.mean())
 
 
-def find_lr(accelerator, model, optimizer, loader, cfg, output_dir: str, *, loss_fn,
-            mix=None, head_names: tuple = (), frozen: bool = False, bn_eval: bool = False,
-            channels_last: bool = False) -> Optional[float]:
+def find_lr(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+            loader: Iterable, cfg: TrainConfig, *, output_dir: str, loss_fn: Callable,
+            mix: Optional[Callable] = None, head_names: tuple = (), frozen: bool = False,
+            bn_eval: bool = False, channels_last: bool = False) -> Optional[float]:
     """Run the range test on the prepared model/optimizer/loader, with the backbone frozen or
     not (as the model's parameters already are), through the training step of every run;
     return the suggested peak lr (of the head; the other groups scale with it), or None
@@ -105,7 +114,7 @@ def find_lr(accelerator, model, optimizer, loader, cfg, output_dir: str, *, loss
     set_peak_lr(optimizer, lr)
     while not done:
         set_epoch(loader, epoch)
-        for _ in train_epoch(model, loader, optimizer, None, state, loss_fn,
+        for _ in train_epoch(model, loader, optimizer, None, state, loss_fn=loss_fn,
                              sums=(step_losses,), accelerator=accelerator, mix=mix,
                              channels_last=channels_last):
             # one sync per step (a range test decides at every step), the same number on

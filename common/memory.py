@@ -1,8 +1,15 @@
 """Host memory on the CPU (glibc): reuse freed heap pages while training, hand them back while
 evaluating."""
 
+from __future__ import annotations
+
 import ctypes
 import os
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    import torch
 
 _MALLOC_TRIM = None
 # glibc's mallopt parameters (malloc.h) and the environment that sets them by hand
@@ -11,7 +18,7 @@ _USER_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_T
                     "MALLOC_TOP_PAD_")
 
 
-def keep_host_memory(device):
+def keep_host_memory(device: torch.device) -> bool:
     """On CPU (glibc), keep freed memory in the process for the next training step.
 
     By default glibc serves every large allocation (a batch's activations: 50+ MB each at
@@ -34,7 +41,7 @@ def keep_host_memory(device):
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-def trim_host_memory(device):
+def trim_host_memory(device: torch.device) -> None:
     """On CPU, hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
     A CPU forward pass at batch 32 allocates and frees hundreds of MB of activations; glibc
     keeps freed pages mapped and, fragmented by the decoded images in between, the resident

@@ -6,8 +6,15 @@ the modules in `common/evaluate_metrics/`. Metrics are computed on tensors gathe
 every process (`gather_for_metrics`), so every rank gets the same exact numbers.
 """
 
+from __future__ import annotations
+
 import functools
 import os
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    import torch
 
 _MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_metrics")
 
@@ -24,7 +31,8 @@ def load_metrics() -> dict:
             for name in ("accuracy", "per_class")}
 
 
-def compute_metrics(metrics, predictions, references, class_names):
+def compute_metrics(metrics: dict, predictions: torch.Tensor, references: torch.Tensor,
+                    class_names: list) -> dict:
     """accuracy, macro F1, balanced accuracy (mean per-class recall), and per-class
     precision/recall/F1 + confusion matrix."""
     predictions, references = predictions.tolist(), references.tolist()
@@ -38,12 +46,12 @@ def compute_metrics(metrics, predictions, references, class_names):
             "confusion_matrix": pc["confusion_matrix"]}
 
 
-def score(m, metric):
+def score(m: dict, metric: str) -> float:
     """--select-metric as a number where higher is better."""
     return -m["loss"] if metric == "loss" else m[metric]
 
 
-def wilson_interval(correct, n, z=1.96):
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of an accuracy of `correct` out of `n`: on 150 val images
     one image is 0.7 points, and the interval says how much of a difference is noise."""
     if n == 0:

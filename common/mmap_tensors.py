@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 
-def create(path, shapes):
+def create(path: str, shapes: dict) -> dict:
     """A new file at `path` holding float32 tensors {name: shape}; returns {name: writable
     np.memmap}. The caller fills the rows, then flushes."""
     header, offset = {}, 0
@@ -49,7 +49,7 @@ def _maps(path, mode):
     return out
 
 
-def open_read(path):
+def open_read(path: str) -> dict:
     """{name: torch tensor} backed by the file's pages (copy-on-write: nothing is loaded
     until read, and nothing written back)."""
     with warnings.catch_warnings():  # torch warns about non-writable arrays; these are

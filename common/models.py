@@ -51,12 +51,12 @@ class Network:
         return self.head_names if self.feature_heads is None else ()
 
 
-def in_heads(name, head_names):
+def in_heads(name: str, head_names: tuple) -> bool:
     """Whether parameter/module `name` belongs to one of `head_names` (() = everything)."""
     return not head_names or any(name == h or name.startswith(h + ".") for h in head_names)
 
 
-def split_model_name(name):
+def split_model_name(name: str) -> tuple[str, str]:
     """'resnet18' -> ('torchvision', 'resnet18'); 'timm:convnext_tiny' -> ('timm', ...);
     'efficientnet_lite0' -> ('bundled', ...): weights installed with the package."""
     from common.pretrained import BUNDLED
@@ -73,7 +73,7 @@ def _torchvision_names():
     return torchvision.models.list_models(module=torchvision.models)  # classification only
 
 
-def check_model_name(name):
+def check_model_name(name: str) -> None:
     """Raise ValueError, with close names as suggestions, unless `name` is a known model."""
     library, arch = split_model_name(name)
     if library == "bundled":
@@ -130,7 +130,7 @@ def _download_failed(name, err):
                      "offline, pass a local file with --weights PATH (or --no-pretrained)")
 
 
-def load_weights_file(path):
+def load_weights_file(path: str) -> dict:
     """A state dict from a .safetensors file or a torch file loaded weights-only."""
     if not os.path.isfile(path):
         raise UserError(f"--weights {path}: no such file")
@@ -155,7 +155,7 @@ def load_weights_file(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_into(model, state_dict, head_names, source):
+def load_into(model: nn.Module, state_dict: dict, head_names: tuple, source: str) -> None:
     """Load pretrained tensors; the old heads may differ, any other mismatch is an error."""
     own = model.state_dict()
     in_head = lambda k: in_heads(k, head_names)  # noqa: E731
@@ -210,7 +210,8 @@ def _has_module(model, name):
         return False
 
 
-def build_model(name, num_classes, pretrained=True, weights=None):
+def build_model(name: str, num_classes: int, pretrained: bool = True,
+                weights: Optional[str] = None) -> Network:
     """The Network (model, head_names, preprocessing) with new `num_classes` heads."""
     library, arch = split_model_name(name)
     if library in ("timm", "bundled"):
@@ -252,14 +253,15 @@ def build_model(name, num_classes, pretrained=True, weights=None):
     return Network(model, head_names, preprocessing)
 
 
-def freeze_backbone(model, head_names, frozen=True):
+def freeze_backbone(model: nn.Module, head_names: tuple, frozen: bool = True) -> None:
     """Only the heads' parameters train (frozen=False: all of them again). BatchNorm
     statistics are kept by `set_train_mode`."""
     for name, p in model.named_parameters():
         p.requires_grad_(not frozen or in_heads(name, head_names))
 
 
-def set_train_mode(model, head_names, frozen_backbone, bn_eval=False):
+def set_train_mode(model: nn.Module, head_names: tuple, frozen_backbone: bool,
+                   bn_eval: bool = False) -> None:
     """model.train(), except that a frozen backbone stays in eval mode: its BatchNorm running
     statistics are not updated and its dropout is off, so it computes exactly the pretrained
     features. `bn_eval` (--bn-eval): every BatchNorm layer stays in eval mode (statistics as

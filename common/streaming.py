@@ -19,6 +19,8 @@ Cached features (the extractor's default, the fine-tune's linear probe) need ran
 so they are off with --streaming.
 """
 
+from __future__ import annotations
+
 import multiprocessing as mp
 import sys
 
@@ -30,6 +32,12 @@ from datasets.distributed import split_dataset_by_node
 from common.errors import UserError
 from common.images import decode_image
 from common.labels import label_out_of_range, unknown_labels
+
+from typing import Any, Callable, Iterable, TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import PartialState
+    from common.config import TrainConfig
 
 
 class StreamSplit:
@@ -52,7 +60,7 @@ def _label_pass(stream):
     return values
 
 
-def load_streaming(cfg, name, val_names):
+def load_streaming(cfg: TrainConfig, name: str, val_names: tuple) -> tuple:
     """(train StreamSplit, val StreamSplit, class names) for --dataset NAME --streaming."""
     try:
         dd = datasets.load_dataset(name, streaming=True)
@@ -168,10 +176,10 @@ class StreamLoader:
         return self.steps if self.steps is not None else \
             -(-len(self.dataset) // self.batch_size)
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch.value = epoch
 
-    def skip(self, n):
+    def skip(self, n: int) -> Iterable:
         """The rest of this epoch after `n` batches (a resumed run: they are read, not used)."""
         self._skip = n
         return self
@@ -210,7 +218,8 @@ class StreamLoader:
                                 f"holds fewer than --batch-size {self.batch_size} images")
 
 
-def streaming_loaders(train, val, train_tf, eval_tf, cfg, accelerator, workers, sides):
+def streaming_loaders(train: Any, val: Any, train_tf: Callable, eval_tf: Callable, cfg: TrainConfig,
+                      *, accelerator: PartialState, workers: int, sides: tuple) -> tuple:
     """(train StreamLoader, val StreamLoader) for this process."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world

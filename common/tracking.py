@@ -6,12 +6,20 @@ no WANDB_MODE set, W&B would prompt on a terminal or fail without one: we run it
 instead and say so in one line; `wandb sync <run folder>/wandb/offline-run-*` uploads later.
 """
 
+from __future__ import annotations
+
 import netrc
 import os
 import platform
 import subprocess
 import sys
 from urllib.parse import urlparse
+
+from typing import Optional, TYPE_CHECKING
+
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
 
 
 def _wandb_has_account():
@@ -25,7 +33,7 @@ def _wandb_has_account():
         return False
 
 
-def resolve_report_to(report_to, is_main_process):
+def resolve_report_to(report_to: str, is_main_process: bool) -> Optional[str]:
     """The `log_with` argument for Accelerator; sets W&B offline when there is no account."""
     if report_to == "none":
         return None
@@ -46,7 +54,7 @@ def _git_commit():
         return None
 
 
-def run_metadata():
+def run_metadata() -> dict:
     """Library versions and the code's git commit, for comparing runs."""
     import accelerate
     import datasets
@@ -60,14 +68,15 @@ def run_metadata():
                 python_version=platform.python_version())
 
 
-def default_group(cfg):
+def default_group(cfg: TrainConfig) -> str:
     """Runs on the same data with the same backbone group together: fine-tune vs extractor,
     1 vs N GPUs."""
     data = cfg.dataset or os.path.basename(os.path.normpath(cfg.data_dir or "hymenoptera_data"))
     return f"{data}/{cfg.model}"
 
 
-def start_run(accelerator, cfg, config, output_dir, script, resume_id=None):
+def start_run(accelerator: Accelerator, cfg: TrainConfig, config: dict, output_dir: str, *,
+              script: str, resume_id: Optional[str] = None) -> None:
     """Start the tracker run (main process) with the resolved config; `resume_id` continues
     an earlier run (W&B: same id, resume="allow")."""
     if not accelerator.log_with:
@@ -93,7 +102,7 @@ def start_run(accelerator, cfg, config, output_dir, script, resume_id=None):
             tracker.tracker.define_metric("*", step_metric="train/step")
 
 
-def log_metrics(accelerator, values, step):
+def log_metrics(accelerator: Accelerator, values: dict, step: int) -> None:
     """Scalars to every tracker (main process). W&B gets no explicit step: it would ignore
     rows at a step it has passed, which every resumed run revisits; `values` carries
     `train/step`, its x-axis. TensorBoard plots against `step` and keeps repeats."""
@@ -101,7 +110,7 @@ def log_metrics(accelerator, values, step):
         tracker.log(values, step=None if tracker.name == "wandb" else step)
 
 
-def log_pictures(accelerator, pngs, step):
+def log_pictures(accelerator: Accelerator, pngs: dict, step: int) -> None:
     """PNG files (name -> path) to the trackers: wandb.Image, or a TensorBoard image."""
     import numpy as np
     from PIL import Image
@@ -118,7 +127,7 @@ def log_pictures(accelerator, pngs, step):
                                dataformats="NHWC")
 
 
-def tracker_run_id(accelerator):
+def tracker_run_id(accelerator: Accelerator) -> Optional[str]:
     """The W&B run id on the main process (saved in checkpoints), else None."""
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
         if tracker.name == "wandb":
@@ -126,7 +135,7 @@ def tracker_run_id(accelerator):
     return None
 
 
-def set_summary(accelerator, values):
+def set_summary(accelerator: Accelerator, values: dict) -> None:
     """Final numbers of the run: W&B summary (TensorBoard already has the curves)."""
     if accelerator.is_main_process and accelerator.log_with:
         for tracker in accelerator.trackers:

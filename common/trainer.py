@@ -16,6 +16,8 @@ Parts, one concern each: the phase (common/phase.py), the best model (common/bes
 to checkpoint (common/checkpoint.py CheckpointPolicy), resuming (common/resume.py).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 import os
@@ -45,10 +47,16 @@ from common.resume import apply_resume, read_resume
 from common.tracking import log_metrics, log_pictures, start_run, tracker_run_id
 from common.viz import augmentation_preview_png
 
+from typing import TYPE_CHECKING
 
-def fit(accelerator, cfg, network: Network, data: Data, optimizer, output_dir: str, *,
-        started: float, probe: Optional[Probe] = None,
-        figures: Optional[dict] = None) -> dict:
+if TYPE_CHECKING:  # names for the type hints only
+    from accelerate import Accelerator
+    from common.config import TrainConfig
+
+
+def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data,
+        optimizer: torch.optim.Optimizer, *, output_dir: str, started: float,
+        probe: Optional[Probe] = None, figures: Optional[dict] = None) -> dict:
     """Train `network.trained` for cfg.epochs, evaluating after each epoch (only the start
     model with --epochs 0); export the best model by --select-metric to best/; checkpoint;
     write metrics.jsonl and results.json. `started`: time.time() at the script's start;
@@ -188,7 +196,7 @@ def fit(accelerator, cfg, network: Network, data: Data, optimizer, output_dir: s
                                   if accelerator.is_main_process else None)
                 window = Sums(accelerator.device)
                 train_t0 = time.time()
-                for _ in train_epoch(model, bar, optimizer, scheduler, state, loss_fn,
+                for _ in train_epoch(model, bar, optimizer, scheduler, state, loss_fn=loss_fn,
                                      sums=(epoch_sums, window), accelerator=accelerator,
                                      # of the whole epoch's loader, not of a resumed one
                                      remainder=last_batch_remainder(
@@ -323,7 +331,8 @@ def _lr_range_test(accelerator, cfg, network, phase, model, optimizer, loader, l
         probe_heads = {k: v.detach().clone() for k, v in network.trained.state_dict().items()
                        if k in fresh}
         network.trained.load_state_dict(fresh, strict=False)
-    lr = find_lr(accelerator, model, optimizer, loader, cfg, output_dir, loss_fn=loss_fn,
+    lr = find_lr(accelerator, model, optimizer, loader, cfg, output_dir=output_dir,
+                 loss_fn=loss_fn,
                  mix=mix, head_names=phase.head_names, frozen=frozen and not unfreeze,
                  bn_eval=phase.bn_eval, channels_last=network.channels_last)
     if probe_heads is not None:
@@ -364,7 +373,8 @@ def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_ep
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=n_train, val_samples=n_val,
                   num_classes=len(data.class_names))
-    start_run(accelerator, cfg, config, output_dir, cfg.script, state.tracker_run_id)
+    start_run(accelerator, cfg, config, output_dir, script=cfg.script,
+              resume_id=state.tracker_run_id)
     state.tracker_run_id = tracker_run_id(accelerator) or state.tracker_run_id
     if accelerator.is_main_process and not cfg.resume_from_checkpoint:
         log_pictures(accelerator, {"augmentation": augmentation_preview_png(

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+from typing import Any, Optional
 
 
 def _pyplot():
@@ -20,13 +21,14 @@ def _pyplot():
     return plt
 
 
-def denormalize(x, mean, std):
+def denormalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """A normalised CHW tensor back to an HWC array in [0, 1] for display."""
     x = x.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def confusion_matrix_png(cm, class_names, path, title="Confusion matrix (val)"):
+def confusion_matrix_png(cm: list, class_names: list, path: str,
+                         title: str = "Confusion matrix (val)") -> str:
     plt = _pyplot()
     cm = np.asarray(cm)
     n = len(class_names)
@@ -58,7 +60,8 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def image_grid_png(images, captions, path, wrong=None, title=None, cols=4):
+def image_grid_png(images: list, captions: list, path: str, *, wrong: Optional[list] = None,
+                   title: Optional[str] = None, cols: int = 4) -> str:
     """images: HWC arrays in [0, 1]; `wrong[i]` draws a red caption and frame. Drawn with
     PIL (a matplotlib figure of 16 subplots took ~1.5 s, which the extractor's whole
     training takes on cached features)."""
@@ -90,7 +93,7 @@ def image_grid_png(images, captions, path, wrong=None, title=None, cols=4):
     return path
 
 
-def curves_png(runs, path):
+def curves_png(runs: list, path: str) -> str:
     """runs: list of (label, epochs, val_accuracy, val_loss); one line per run."""
     import matplotlib.ticker
 
@@ -111,7 +114,8 @@ def curves_png(runs, path):
     return path
 
 
-def augmentation_preview_png(dataset, preprocessing, class_names, path, n=16):
+def augmentation_preview_png(dataset: Any, preprocessing: dict, class_names: list, path: str,
+                             n: int = 16) -> str:
     """`n` random training images as the model sees them in epoch 1 (augmented, denormalised
     with the model's own mean/std), like the tutorial's `imshow` grid of a batch."""
     p, names = preprocessing, class_names
@@ -126,7 +130,8 @@ def augmentation_preview_png(dataset, preprocessing, class_names, path, n=16):
                           title="Training augmentation (epoch 1)")
 
 
-def prediction_grid_png(dataset, predictions, preprocessing, class_names, path, n=16):
+def prediction_grid_png(dataset: Any, predictions: dict, preprocessing: dict, class_names: list,
+                        path: str, *, n: int = 16) -> str:
     """Val images with predicted (probability) and true labels, misclassified ones first and
     marked in red, like the tutorial's `visualize_model`."""
     p, names = preprocessing, class_names
@@ -148,7 +153,7 @@ def prediction_grid_png(dataset, predictions, preprocessing, class_names, path, 
                           title=f"Val predictions: {sum(wrong)} wrong shown first")
 
 
-def lr_find_png(lrs, smoothed, suggested, path):
+def lr_find_png(lrs: list, smoothed: list, suggested: Optional[float], path: str) -> str:
     """LR range test: smoothed training loss against the learning rate (log scale), with
     the suggested lr marked (None: the loss never fell, the whole curve is shown)."""
     plt = _pyplot()
@@ -171,7 +176,8 @@ def lr_find_png(lrs, smoothed, suggested, path):
     return path
 
 
-def top_losses_png(dataset, predictions, preprocessing, class_names, path, n=16):
+def top_losses_png(dataset: Any, predictions: dict, preprocessing: dict, class_names: list,
+                   path: str, *, n: int = 16) -> Optional[str]:
     """The val images the model got most wrong (highest loss): true label, prediction and
     its probability, as fastai's plot_top_losses. Often shows mislabelled images."""
     p, names = preprocessing, class_names

@@ -35,7 +35,7 @@ def test_cache_key_changes_with_image_model_transform_and_numerics(key_inputs):
 
     def key(cfg=cfg, pre=pre, **settings):
         ids = (identity_digest(train), identity_digest(val))
-        return cache_key(model, heads, cfg, pre, ids, {**SETTINGS, **settings})
+        return cache_key(model, heads, cfg, pre, ids, settings={**SETTINGS, **settings})
 
     first = key()
     assert key() == first  # deterministic

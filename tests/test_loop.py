@@ -63,7 +63,7 @@ def _epoch(accelerator, n, batch_size=4, scale=1.0, log_every=1000, on_step=None
     seen = []
     ema = ModelEma(accelerator.unwrap_model(model), ema_decay) if ema_decay else None
     epoch_sums, window = Sums(accelerator.device), Sums(accelerator.device)
-    for _ in train_epoch(model, loader, optimizer, scheduler, state, loss or make_loss(),
+    for _ in train_epoch(model, loader, optimizer, scheduler, state, loss_fn=loss or make_loss(),
                          sums=(epoch_sums, window), accelerator=accelerator,
                          remainder=last_batch_remainder(loader, accelerator.num_processes)):
         seen.append(accelerator.optimizer_step_was_skipped)
