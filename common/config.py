@@ -124,10 +124,8 @@ class TrainConfig:
     channels_last: Optional[bool] = opt(None, "channels-last memory format; default: on "
                                         "(faster convolutions on GPUs and fp32 CPUs), except "
                                         "bf16 on CPUs without native bf16, where it is slower")
-    compile: bool = opt(False, "torch.compile the trained model (inductor); compiling takes "
-                        "tens of seconds to minutes (measured on a 2-core CPU: +114 s and no "
-                        "faster steps for EfficientNet-Lite0; untested on GPUs, where it may "
-                        "pay on long runs): benchmarks/README.md")
+    compile: bool = opt(False, "torch.compile the trained model (inductor); compiling adds "
+                        "tens of seconds to minutes at the start (benchmarks/README.md)")
     find_lr: bool = opt(False, "run an LR range test (exponential sweep, smoothed loss, stops "
                         "on divergence), save lr_find.png/.json, print the suggestion and stop; "
                         "the weights are restored after it. --lr auto runs it, then trains")
@@ -167,8 +165,8 @@ class FinetuneConfig(TrainConfig):
                          "--budget-steps optimiser steps)", parse=int_or_auto)
     budget_steps: int = opt(150, "--epochs auto: fine-tune for at least this many optimiser "
                             "steps (a few hundred images get more epochs than thousands)")
-    optimizer: str = opt("adamw", "optimiser (AdamW: chosen on five datasets, "
-                         "benchmarks/README.md)", choices=("sgd", "adamw"))
+    optimizer: str = opt("adamw", "optimiser: adamw, or sgd (momentum --momentum)",
+                         choices=("sgd", "adamw"))
     lr: Optional[float] = opt(None, "peak learning rate of the head (default: 0.001 with "
                               "adamw, 0.01 with sgd), or 'auto': run the LR range test "
                               "(--find-lr) first and train with its suggestion",

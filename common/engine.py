@@ -1,10 +1,12 @@
-"""One training step, one training epoch, one evaluation: the batch-level loop.
+"""The one training step, the epoch around it, and the evaluation: the batch-level loop of
+every run (the fine-tune, the extractor, the linear probe, the LR range test).
 
 One batch: DataLoader (common/data.py or the cached features of common/features.py) ->
-`model` under Accelerate's autocast -> per-sample loss (`Run.loss`) -> `accelerator.backward`
+`model` under Accelerate's autocast -> per-sample loss (`make_loss`) -> `accelerator.backward`
 inside `accelerator.accumulate` -> optimiser step -> our LR schedule step (common/optim.py),
 unless the fp16 GradScaler skipped the step -> running sums of loss / correct / samples, kept
-on the device.
+on the device -> `train_epoch` yields, and the caller (common/trainer.py) logs, checkpoints
+or stops.
 
 No host sync per step: the sums are all-reduced (with the stop-signal flag) and copied to
 the host only at log points (every `--log-every` optimiser steps), before a checkpoint, and

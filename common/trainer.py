@@ -80,6 +80,12 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
         model, optimizer, data.train_loader, data.val_loader)
     if cfg.compile:  # after DDP: torch.compile wraps the DDP module (rewrap_ddp keeps it so)
         model = torch.compile(model)
+    # the schedule's length, known once the loader is sharded; --epochs auto is resolved here,
+    # before anything trains, and cfg does not change after this line
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    if cfg.epochs == "auto":  # a budget of optimiser steps, whatever the size of the data
+        cfg = dataclasses.replace(cfg, epochs=max(1, math.ceil(cfg.budget_steps /
+                                                               steps_per_epoch)))
     loss_fn = make_loss(cfg.label_smoothing, data.class_weights)
     mix = BatchMix(cfg.mixup, cfg.cutmix, len(data.class_names), cfg.seed) \
         if cfg.mixup or cfg.cutmix else None
@@ -91,10 +97,6 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
             return {"suggested_lr": state.lr}
     if state.lr:
         set_peak_lr(optimizer, state.lr)  # before the schedule: it takes the peaks as built
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    if cfg.epochs == "auto":  # a budget of optimiser steps, whatever the size of the data
-        cfg = dataclasses.replace(cfg, epochs=max(1, math.ceil(cfg.budget_steps /
-                                                               steps_per_epoch)))
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEma(bare_model(accelerator, model), cfg.model_ema_decay) if cfg.model_ema \
         else None
@@ -120,6 +122,8 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     metrics = _Metrics(accelerator)
     stop = StopSignal()  # handlers of this run only: put back in the finally below
 
+    # the helpers below read `model` and `ema` when called: the model as the phase last
+    # wrapped it, the EMA as last restarted
     def log(values):
         log_metrics(accelerator, {**values, "train/step": state.step}, state.step)
 
