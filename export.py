@@ -26,7 +26,8 @@ import warnings
 import torch
 import yaml
 
-from common.data import build_transforms, image_files, to_rgb
+from common.data import build_transforms, image_files
+from common.images import to_rgb
 from common.download import BUNDLED_HYMENOPTERA
 from common.errors import UserError, cli
 from common.export import ONNX_META_KEY, OnnxModel, load_exported

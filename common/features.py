@@ -43,10 +43,11 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from common import mmap_tensors
-from common.data import (ImageDataset, decode_sizes, labels_of, train_order,
-                         training_transforms)
-from common.imagecheck import identity_digest
+from common.data import ImageDataset, train_order, training_transforms
 from common.errors import UserError
+from common.imagecheck import identity_digest
+from common.images import decode_sizes
+from common.labels import labels_of
 from common.models import in_heads
 from common.hardware import cpu_has_native_bf16, gpu_has_native_bf16
 from common.memory import trim_host_memory

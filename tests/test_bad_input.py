@@ -136,7 +136,7 @@ def test_odd_image_modes_and_sizes_are_converted_and_trained_on(tmp_path, offlin
 def test_sixteen_bit_and_exif_images_decode_correctly(tmp_path):
     import datasets
 
-    from common.data import to_rgb
+    from common.images import to_rgb
 
     _odd_images(make_image_folder(tmp_path / "data", counts={"train": 1}, splits=("train",)))
     d = tmp_path / "data" / "train" / "cat"
