@@ -230,7 +230,7 @@ def test_unfreezing_rebuilds_ddp_so_backbone_gradients_are_averaged_and_seeds_di
 
 FAULTS_OF_BIG_TENSORS = """
 import resource, sys, torch
-import common.data  # as in the scripts, which call keep_host_memory with their libraries
+import accelerate  # as in the scripts, which call keep_host_memory with their libraries
 # loaded (without them, glibc here still faulted in every other 64 MB block)
 from common.memory import keep_host_memory
 kept = keep_host_memory(torch.device("cpu")) if sys.argv[1] == "keep" else None

@@ -225,7 +225,9 @@ def test_gradient_accumulation_counts_optimiser_steps(image_folder, tmp_path, of
     assert "global batch 8, 3 optimiser steps/epoch" in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["train_finetune.py", "train_extractor.py"])
+# the fine-tune compiles the whole network: ~80 s of C++ builds with inductor's cache cold
+@pytest.mark.parametrize("script", [pytest.param("train_finetune.py", marks=pytest.mark.slow),
+                                    "train_extractor.py"])
 def test_compile_trains_and_exports_weights_predict_can_load(script, image_folder,
                                                             tiny_weights, tmp_path,
                                                             offline_env):
