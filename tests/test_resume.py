@@ -602,3 +602,33 @@ def test_checkpoints_keep_scalars_in_the_train_state_and_predictions_in_best(
         fh.truncate(64)
     with pytest.raises(UserError, match="predictions.safetensors changed"):
         read_checkpoint(str(tampered), keep_best=False)
+
+
+def test_a_checkpoint_with_predictions_in_its_train_state_resumes_with_them_in_best(
+        uninterrupted, tmp_path):
+    """Checkpoints written before best/predictions.safetensors carried the predictions per
+    image in train_state.json: read, they become best/'s file again, and the train state
+    keeps its typed scalars."""
+    from safetensors.torch import load_file
+
+    from common.checkpoint import _write_manifest, restore_best
+
+    full, out = uninterrupted
+    ckpt = tmp_path / "step-00000030"
+    shutil.copytree(out / "checkpoints" / "step-00000030", ckpt)
+    preds = load_file(str(ckpt / "best" / "predictions.safetensors"))
+    os.remove(ckpt / "best" / "predictions.safetensors")
+    doc = json.load(open(ckpt / "train_state.json"))
+    doc["train_state"]["best"]["predictions"] = {k: v.tolist() for k, v in preds.items()}
+    with open(ckpt / "train_state.json", "w") as fh:
+        json.dump(doc, fh)
+    os.remove(ckpt / "manifest.json")
+    _write_manifest(str(ckpt))  # as the older version wrote it
+    loaded = read_checkpoint(str(ckpt))
+    assert loaded.state.best.val_accuracy == full["best_val_accuracy"]
+    run = tmp_path / "run"
+    run.mkdir()
+    restore_best(str(run), loaded)
+    back = load_file(str(run / "best" / "predictions.safetensors"))
+    assert set(back) == set(preds)
+    assert all(torch.equal(back[k], preds[k]) for k in preds)

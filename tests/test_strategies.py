@@ -370,3 +370,32 @@ def test_model_ema_is_evaluated_checkpointed_and_resumed_exactly(image_folder, t
               ["train_state"]["ema_updates"] for out in (full, resumed))
     assert ua == ub > 0
     assert all(torch.allclose(ea[k].float(), eb[k].float(), rtol=1e-5, atol=1e-7) for k in ea)
+
+
+def test_the_probe_the_lr_range_test_and_the_epochs_train_through_the_one_step(
+        monkeypatch, image_folder, tiny_weights, tmp_path, offline_env):
+    """One step function for every run: the linear probe's heads (outside Accelerate), the LR
+    range test and the epochs all train through engine.train_step; no other loop trains."""
+    from common import engine
+
+    calls = []
+    step = engine.train_step
+
+    def counted(*args, **kwargs):
+        calls.append("probe" if kwargs.get("accelerator") is None else "prepared")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", counted)
+    args = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--report-to", "none",
+            "--feature-cache-dir", tmp_path / "cache"]
+    # 18 train images at batch 4: 5 batches an epoch
+    launch("train_finetune.py", [*args, "--probe-epochs", "3", "--epochs", "2",
+                                 "--output-dir", tmp_path / "a"], offline_env)
+    assert calls.count("probe") == 3 * 5 and calls.count("prepared") == 2 * 5, calls
+    calls.clear()
+    launch("train_finetune.py", [*args, "--probe-epochs", "0", "--find-lr",
+                                 "--find-lr-steps", "12", "--output-dir", tmp_path / "b"],
+           offline_env)
+    # every step of the sweep (12, or fewer where the loss diverged first; 5 at the least)
+    assert set(calls) == {"prepared"} and 5 <= len(calls) <= 12, calls
+    assert os.path.exists(tmp_path / "b" / "lr_find.json")
