@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from common.accelerator import bare_model, seed_for_training
 from common.best import Best, legacy_predictions
 from common.engine import Totals
-from common.errors import UserError
+from common.errors import RunFailure, UserError
 from common.export import PREDICTIONS, cpu_state_dict
 from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
 
@@ -249,13 +249,13 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # name -> state dict (e.g. "ema")
 
 
-class DamagedCheckpoint(UserError):
+class DamagedCheckpoint(RunFailure):
     """A checkpoint whose files are missing, changed or unreadable: what a crash, a full
     disk or a half-copied folder leaves (`latest` then falls back to the one before)."""
 
 
 def _refuse(path, rel, why, damaged=True):
-    error = (DamagedCheckpoint if damaged else UserError)(
+    error = (DamagedCheckpoint if damaged else RunFailure)(
         f"--resume-from-checkpoint {path}: {rel} {why}; refusing this checkpoint (pick "
         "another one, or start without it)")
     error.reason = f"{rel} {why}"  # for load_checkpoint's one-line fallback

@@ -142,7 +142,8 @@ class TrainConfig:
                                                 "checkpoint folder: continue that run exactly")
     # run
     seed: int = opt(42, "random seed (data order, head initialisation, augmentation)")
-    output_dir: Optional[str] = opt(None, "run folder (default: outputs/<script>-<time>)")
+    output_dir: Optional[str] = opt(None, "run folder (default: outputs/<script>-<model>-"
+                                           "<data>-<date>-<time>)")
     overwrite_output_dir: bool = opt(False, "reuse an --output-dir that holds a run: its "
                                      "results, metrics, best/ and checkpoints/ are replaced")
     report_to: str = opt("wandb", "experiment tracker; W&B runs offline when no account is "

@@ -25,7 +25,7 @@ import zipfile
 
 from tqdm.auto import tqdm
 
-from common.errors import UserError
+from common.errors import RunFailure, UserError
 
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 HYMENOPTERA_DIGEST = "15d89271f257b89832a79a665d92fea577411e875ab6be14222a571af4b2b359"
@@ -64,13 +64,13 @@ def download_and_extract(url: str, dest: str, expected_digest: str, timeout: flo
                         bar.update(len(chunk))
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or e
-            raise UserError(f"could not download {url} ({reason}); offline, pass a local image "
+            raise RunFailure(f"could not download {url} ({reason}); offline, pass a local image "
                             "folder with --data-dir DIR (train/ and val/ class folders)") from None
         try:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(os.path.join(work, "x"))
         except zipfile.BadZipFile:
-            raise UserError(f"{url} is not a valid zip archive; download it yourself and "
+            raise RunFailure(f"{url} is not a valid zip archive; download it yourself and "
                             "pass --data-dir") from None
         tops = [d for d in os.listdir(os.path.join(work, "x")) if not d.startswith(("_", "."))]
         if len(tops) != 1:
@@ -78,7 +78,7 @@ def download_and_extract(url: str, dest: str, expected_digest: str, timeout: flo
         extracted = os.path.join(work, "x", tops[0])
         digest = tree_digest(extracted)
         if digest != expected_digest:
-            raise UserError(f"{url}: content checksum mismatch (got {digest[:12]}..., expected "
+            raise RunFailure(f"{url}: content checksum mismatch (got {digest[:12]}..., expected "
                             f"{expected_digest[:12]}...); the download is corrupt or changed, "
                             "pass --data-dir with your own copy")
         os.replace(extracted, dest)  # atomic on one filesystem: all or nothing

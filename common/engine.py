@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from common.errors import UserError
+from common.errors import RunFailure
 from common.metrics import compute_metrics
 from common.memory import trim_host_memory
 
@@ -257,7 +257,7 @@ def reduce_sums(accelerator: Accelerator, sums: Sums, stop: StopSignal) -> tuple
 def check_finite(totals: Totals, state: TrainState) -> None:
     loss = totals.loss / max(totals.samples, 1)
     if not math.isfinite(loss):
-        raise UserError(f"training loss became {loss} at epoch {state.epoch + 1}, step "
+        raise RunFailure(f"training loss became {loss} at epoch {state.epoch + 1}, step "
                         f"{state.step} or before; lower --lr (or train in fp32/bf16 instead "
                         "of fp16)")
 

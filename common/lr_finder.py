@@ -32,7 +32,7 @@ import torch
 from common.checkpoint import TrainState
 from common.data import set_epoch
 from common.engine import train_epoch
-from common.errors import UserError
+from common.errors import RunFailure
 from common.models import set_train_mode
 from common.optim import set_peak_lr
 from common.accelerator import bare_model
@@ -137,7 +137,7 @@ def find_lr(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.O
             epoch += 1
     _restore(accelerator, model, optimizer, saved)
     if len(lrs) < 5:
-        raise UserError(f"--find-lr: the loss diverged after {len(lrs)} steps, from lr "
+        raise RunFailure(f"--find-lr: the loss diverged after {len(lrs)} steps, from lr "
                         f"{START_LR:g}; check the data and model, or set --lr yourself")
     lr, best = suggest(lrs, smoothed)
     accelerator.print(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "

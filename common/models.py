@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import RunFailure, UserError
 
 
 @dataclasses.dataclass
@@ -125,7 +125,7 @@ def _last_linear(model):
 
 
 def _download_failed(name, err):
-    return UserError(f"--model {name}: could not download its pretrained weights "
+    return RunFailure(f"--model {name}: could not download its pretrained weights "
                      f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no network?'}); "
                      "offline, pass a local file with --weights PATH (or --no-pretrained)")
 

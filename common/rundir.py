@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
@@ -39,11 +40,25 @@ def check_output_dir(cfg: TrainConfig, output_dir: str, is_main: bool) -> None:
     print(f"--overwrite-output-dir: removed {', '.join(found)} from {output_dir}")
 
 
+def run_name(cfg: TrainConfig, script: str) -> str:
+    """<script>-<model>-<data>: what a run folder holds, readable in a listing (the model as
+    its architecture's name, the data as its folder's or dataset's last name)."""
+    from common.pretrained import BUNDLED
+
+    library, sep, arch = cfg.model.partition(":")  # timm:NAME, torchvision:NAME, hf-hub:ORG/NAME
+    model = arch if sep and library in ("timm", "torchvision", "hf-hub") else cfg.model
+    model = BUNDLED.get(model, model).rsplit("/", 1)[-1]
+    source = cfg.data_dir or cfg.dataset
+    data = os.path.basename(os.path.normpath(source)) if source else "hymenoptera_data"
+    parts = [re.sub(r"[^A-Za-z0-9._]+", "_", p).strip("._") for p in (script, model, data)]
+    return "-".join(p for p in parts if p)
+
+
 def choose_output_dir(cfg: TrainConfig, script: str, state: PartialState) -> str:
-    """The run folder: --output-dir, or outputs/<script>-<time> as the main process reads the
-    clock (other ranks may read it a second later)."""
+    """The run folder: --output-dir, or outputs/<script>-<model>-<data>-<time> as the main
+    process reads the clock (other ranks may read it a second later)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    chosen = [cfg.output_dir or os.path.join("outputs", f"{script}-{stamp}")]
+    chosen = [cfg.output_dir or os.path.join("outputs", f"{run_name(cfg, script)}-{stamp}")]
     if state.num_processes > 1:
         broadcast_object_list(chosen)
     return chosen[0]

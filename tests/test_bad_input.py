@@ -1,5 +1,6 @@
-"""Bad input ends in a one-line error naming the problem (exit 2, no traceback), or in a
-logged warning and a correct run. Each case runs the real entry script as a user would."""
+"""Bad input ends in a one-line error naming the problem (exit 2; 1 for a failure while
+running; no traceback), or in a logged warning and a correct run. Each case runs the real
+entry script as a user would."""
 
 import io
 import json
@@ -17,8 +18,10 @@ TINY = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
         "--num-workers", "0", "--report-to", "none"]
 
 
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+def assert_one_line_error(proc, *fragments, status=2):
+    """One `error:` line holding every fragment, no traceback, and the exit status: 2 for
+    usage and configuration errors, 1 for failures while running."""
+    assert proc.returncode == status, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
@@ -206,7 +209,7 @@ def test_no_network_for_pretrained_weights_fails_fast_naming_weights(tmp_path, o
     proc = run_script("train_finetune.py", ["--model", model, "--data-dir", root,
                                             "--output-dir", tmp_path / "run",
                                             "--report-to", "none"], env)
-    assert_one_line_error(proc, f"--model {model}", "--weights PATH")
+    assert_one_line_error(proc, f"--model {model}", "--weights PATH", status=1)
     assert time.time() - t0 < 45
 
 
@@ -235,7 +238,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_pa
     proc, out = train(tmp_path, offline_env, "--data-dir", root, "--optimizer", "sgd",
                       "--lr", "1e30", "--checkpointing-steps", "1", "--freeze-epochs", "0",
                       epochs=2)
-    line = assert_one_line_error(proc, "training loss became", "epoch 1, step", "lower --lr")
+    line = assert_one_line_error(proc, "training loss became", "epoch 1, step", "lower --lr",
+                                 status=1)
     assert "nan" in line or "inf" in line
     assert (out / "checkpoints" / "latest").exists() and not (out / "results.json").exists()
 
@@ -261,7 +265,8 @@ def test_resume_from_a_folder_we_did_not_write_is_refused(tmp_path, offline_env)
         pickle.dump(_Evil(marker), fh)
     root = make_image_folder(tmp_path / "data", counts={"train": 1, "val": 1})
     proc, _ = train(tmp_path, offline_env, "--data-dir", root, "--resume-from-checkpoint", ckpt)
-    assert_one_line_error(proc, f"--resume-from-checkpoint {ckpt}", "not a checkpoint written")
+    assert_one_line_error(proc, f"--resume-from-checkpoint {ckpt}", "not a checkpoint written",
+                          status=1)  # a refused checkpoint: a failure while running
     assert not marker.exists()
 
 

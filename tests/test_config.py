@@ -106,3 +106,29 @@ def test_help_lists_the_flags_the_checks_rely_on():
                  "--epochs", "--batch-size", "--lr", "--seed", "--output-dir", "--report-to",
                  "--num-workers", "--gradient-accumulation-steps"):
         assert flag in out
+
+
+def test_the_default_run_folder_names_the_script_model_and_data():
+    from common.rundir import run_name
+
+    assert run_name(FinetuneConfig(), "finetune") == \
+        "finetune-tf_efficientnet_lite0-hymenoptera_data"
+    cfg = ExtractorConfig(model="timm:convnext_tiny", data_dir="/data/flowers/")
+    assert run_name(cfg, "extractor") == "extractor-convnext_tiny-flowers"
+    cfg = FinetuneConfig(model="hf-hub:user/my: model", dataset="user/beans #2")
+    assert run_name(cfg, "finetune") == "finetune-my_model-beans_2"
+
+
+@pytest.mark.parametrize("raised,status", [("usage", 2), ("failure", 1), ("ctrl-c", 130)])
+def test_exit_status_2_for_usage_1_for_failures_130_for_ctrl_c(raised, status, capsys):
+    from common.errors import RunFailure, UserError, cli
+
+    @cli
+    def main():
+        raise {"usage": UserError("bad flag"), "failure": RunFailure("loss diverged"),
+               "ctrl-c": KeyboardInterrupt()}[raised]
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == status
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # one line, no traceback

@@ -64,7 +64,7 @@ def test_no_network_fails_fast_naming_data_dir(tmp_path, offline_env):
                                             "--download-original-data",
                                             "--output-dir", tmp_path / "run",
                                             "--report-to", "none"], env, cwd=tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # a failure while running, not a usage error
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not download") and "--data-dir" in last
     assert "Traceback" not in proc.stderr

@@ -198,7 +198,7 @@ def test_resume_with_a_poisoned_optimizer_file_exits_with_one_line(data, uninter
     proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir", run,
                                         "--resume-from-checkpoint", "latest"], offline_env,
                   check=False)
-    assert proc.returncode != 0 and not marker.exists()
+    assert proc.returncode == 1 and not marker.exists()  # a refused checkpoint: a failure
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "optimizer.pt is not a valid torch file" in errors[0], proc.stderr
 
@@ -214,7 +214,7 @@ def test_resuming_with_another_optimizer_exits_with_one_line_naming_the_flag(
     proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--optimizer", "sgd",
                                         "--output-dir", run, "--resume-from-checkpoint",
                                         "latest"], offline_env, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the flags do not fit the checkpoint: a usage error
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "resume with --optimizer adamw" in errors[0], proc.stderr
     assert "KeyError" not in proc.stderr  # (the launcher adds a traceback of its own)
@@ -365,12 +365,12 @@ def test_a_checkpoint_naming_files_outside_its_run_is_refused_and_nothing_is_wri
         _plant(ckpt, key, b"#!/bin/sh\necho owned\n")
         with pytest.raises(UserError, match="is not a file name a checkpoint holds"):
             read_checkpoint(str(ckpt))
-    # the whole script, as a user resumes: one error line, exit != 0, nothing outside
+    # the whole script, as a user resumes: one error line, exit 1, nothing outside
     proc = launch("train_finetune.py", ["--data-dir", data, *ARGS, "--output-dir",
                                         tmp_path / "absolute", "--resume-from-checkpoint",
                                         "latest"], offline_env, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
     assert "is not a file name a checkpoint holds" in errors[0]
     assert os.listdir(outside) == []
     # a known name that is a symbolic link to a file elsewhere: not read
