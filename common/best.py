@@ -34,6 +34,7 @@ class Best:
     val_loss: float
     val_macro_f1: float
     val_balanced_accuracy: float
+    stage: str = ""           # probe, head or all-layers ("" in older checkpoints)
 
     @classmethod
     def read(cls, saved: Optional[dict]) -> Optional["Best"]:
@@ -53,7 +54,7 @@ class BestKeeper:
         self.class_names, self.dir = class_names, os.path.join(output_dir, "best")
 
     def consider(self, state: TrainState, epoch: int, val_m: dict, source: str,
-                 module: nn.Module) -> bool:
+                 module: nn.Module, stage: str = "") -> bool:
         """Keep (and export, main process) `module`, the trained module or its EMA, if its
         --select-metric beats the best so far. Returns whether it did."""
         new_score = score(val_m, self.cfg.select_metric)
@@ -62,7 +63,7 @@ class BestKeeper:
         state.best = Best(epoch=epoch, score=new_score, source=source,
                           val_accuracy=val_m["accuracy"], val_loss=val_m["loss"],
                           val_macro_f1=val_m["macro_f1"],
-                          val_balanced_accuracy=val_m["balanced_accuracy"])
+                          val_balanced_accuracy=val_m["balanced_accuracy"], stage=stage)
         if self.accelerator.is_main_process:
             network = self.network
             export_model(self._whole_state(bare_model(self.accelerator, module)

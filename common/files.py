@@ -9,6 +9,8 @@ rename first, and the file is there after a reboot, empty or cut short. So every
 fsync'ed before its rename, and its folder after (which makes the rename itself durable).
 """
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -88,6 +90,18 @@ def read_jsonl(path: str) -> tuple[list, bool]:
                 raise
             torn = True
     return rows, torn
+
+
+def write_csv(path: str, rows: list) -> None:
+    """Atomically replace `path` with `rows` (dicts) as CSV: their scalar values, one column
+    per key in the order keys first appear (a row without a key leaves its cell empty)."""
+    columns = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                                 if isinstance(v, (int, float, str, bool)) or v is None))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, out.getvalue())
 
 
 def write_jsonl(path: str, rows: list) -> None:

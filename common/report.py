@@ -43,6 +43,7 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data
         best_val_accuracy_ci95=[low, high], best_val_loss=best.val_loss,
         best_val_macro_f1=best.val_macro_f1,
         best_val_balanced_accuracy=best.val_balanced_accuracy, best_epoch=best.epoch,
+        best_stage=best.stage,
         best_weights=best.source, select_metric=cfg.select_metric, epochs=cfg.epochs,
         stopped_early_after_epoch=stopped_early,
         train_samples=len(data.train_images), val_samples=n_val,

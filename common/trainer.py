@@ -35,7 +35,7 @@ from common.data import Data, set_epoch
 from common.ema import ModelEma
 from common.engine import (BatchMix, StopSignal, Sums, Totals, check_finite, evaluate,
                            last_batch_remainder, make_loss, reduce_sums, train_epoch)
-from common.files import append_jsonl
+from common.files import append_jsonl, read_jsonl, write_csv
 from common.lr_finder import find_lr
 from common.metrics import load_metrics, score
 from common.models import Network
@@ -168,23 +168,32 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
              **{f"val/{m}/{c}": v for c, d in val_m["per_class"].items()
                 for m, v in d.items()}})
         source, best_m, module = max(candidates, key=lambda c: score(c[1], cfg.select_metric))
-        keeper.consider(state, row["epoch"], best_m, source, module)
+        keeper.consider(state, row["epoch"], best_m, source, module, stage=row["stage"])
         if accelerator.is_main_process:
             append_jsonl(os.path.join(output_dir, "metrics.jsonl"), row)
+            # the same rows flat (scalars only), for pandas and spreadsheets
+            write_csv(os.path.join(output_dir, "summary.csv"),
+                      read_jsonl(os.path.join(output_dir, "metrics.jsonl"))[0])
         return val_m
+
+    def stage(epoch_index):
+        """What trains in an epoch: the heads alone, or every layer."""
+        return "head" if network.feature_heads is not None or phase.frozen_at(epoch_index) \
+            else "all-layers"
 
     val_m, stopped_early, first_step_seconds = None, None, None
     try:
         if probe is not None and cfg.epochs and state.best is None and state.epoch == 0 \
                 and state.batches_done == 0:
-            val_m = evaluate_and_keep({"epoch": 0}, time.time())  # the probe's model: kept
+            val_m = evaluate_and_keep({"epoch": 0, "stage": "probe"}, time.time())  # kept
             if probe.fresh_heads is not None:  # unless beaten; --finetune-from random
                 ema = _restart_heads(network, probe, ema, cfg)
         while state.epoch < max(cfg.epochs, 1):
             if out_of_steps():  # a time box resumed with the same --max-train-steps
                 break
             epoch_t0 = time.time()
-            row = {"epoch": state.epoch + 1 if cfg.epochs else 0}
+            row = {"epoch": state.epoch + 1, "stage": stage(state.epoch)} if cfg.epochs \
+                else {"epoch": 0, "stage": "start"}  # --epochs 0: the model as it starts
             stopping = partial = False
             if cfg.epochs:
                 model = phase.enter(accelerator, model, state.epoch, say=accelerator.print)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import pandas
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -46,6 +47,12 @@ def test_script_trains_and_writes_a_complete_run_folder(script, nproc, image_fol
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["val_samples"] == 9 and r["train_samples"] == 18 for r in rows)
     assert max(r["val_accuracy"] for r in rows) == res["best_val_accuracy"]
+    # the same rows flat, as pandas reads them; which part of the model trained in each
+    table = pandas.read_csv(out / "summary.csv", float_precision="round_trip")
+    assert list(table["epoch"]) == [1, 2, 3]
+    assert list(table["val_accuracy"]) == [r["val_accuracy"] for r in rows]
+    assert set(table["stage"]) == {"head" if "extractor" in script else "all-layers"}
+    assert res["best_stage"] == table["stage"][0]
     meta = json.load(open(out / "best" / "model.json"))
     assert meta["class_names"] == ["cat", "dog", "fox"]
     assert meta["preprocessing"]["input_size"] == 160  # test_resnet's pretrained config

@@ -72,6 +72,8 @@ def test_freeze_epochs_keep_backbone_and_batchnorm_then_train_them(nproc, image_
     launch("train_finetune.py", [*args, "--epochs", "0", "--output-dir", start_run],
            offline_env, nproc=nproc)
     start = load_file(str(start_run / "best" / "model.safetensors"))
+    assert [r["stage"] for r in rows(out)] == ["head", "head", "all-layers"]
+    assert [r["stage"] for r in rows(start_run)] == ["start"]
     after = checkpoint_weights(out)  # after epochs 1, 2, 3
     assert len(after) == 3
     backbone = [k for k in start if not k.startswith("fc.")]
@@ -260,6 +262,7 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
     finetune = json.load(open(tmp_path / "f" / "results.json"))
     epochs = rows(tmp_path / "f")
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert [r["stage"] for r in epochs] == ["probe", "all-layers", "all-layers"]
     assert epochs[0]["val_accuracy"] == extractor["best_val_accuracy"]
     assert epochs[0]["val_loss"] == pytest.approx(extractor["best_val_loss"], rel=1e-4)
     assert finetune["probe_best_epoch"] == extractor["best_epoch"]
