@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -24,7 +25,6 @@ from common.hardware import (cpu_has_amx, cpu_has_native_bf16, gpu_has_native_bf
 from common.rundir import check_output_dir, choose_output_dir
 from common.tracking import resolve_report_to
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 
@@ -16,7 +16,6 @@ from common.accelerator import bare_model
 from common.export import export_model, load_predictions
 from common.metrics import compute_metrics, score
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from common.checkpoint import TrainState

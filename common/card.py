@@ -9,11 +9,11 @@ short.
 from __future__ import annotations
 
 import os
+from typing import Optional, TYPE_CHECKING
 
 from common.models import split_model_name
 from common.pretrained import BUNDLED
 
-from typing import Optional, TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig

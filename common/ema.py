@@ -21,11 +21,11 @@ all ranks score and keep the same model.
 
 from __future__ import annotations
 
+from typing import Optional, TYPE_CHECKING
+
 import torch
 from accelerate.utils import broadcast
 from timm.utils.model_ema import ModelEmaV3
-
-from typing import Optional, TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

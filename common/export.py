@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Callable, Optional, TYPE_CHECKING, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from common.errors import UserError
 from common.files import new_temp_dir, replace_dir, write_json
 
-from typing import Callable, Optional, TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # names for the type hints only
     from torch import nn

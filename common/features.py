@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from typing import Iterator, TYPE_CHECKING
 
 import torch
 from accelerate.data_loader import prepare_data_loader
@@ -52,7 +53,6 @@ from common.models import in_heads
 from common.hardware import cpu_has_native_bf16, gpu_has_native_bf16
 from common.memory import trim_host_memory
 
-from typing import Iterator, TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

@@ -3,10 +3,10 @@ CPUs, and the memory layout that is fastest there."""
 
 from __future__ import annotations
 
+from typing import Optional, TYPE_CHECKING
+
 import torch
 from accelerate.utils import parse_flag_from_env
-
-from typing import Optional, TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

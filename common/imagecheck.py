@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import datasets
 import PIL.Image
@@ -29,7 +30,6 @@ from accelerate.utils import gather_object
 
 from common.errors import UserError
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

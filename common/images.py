@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Optional, TYPE_CHECKING, Union
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from typing import Optional, TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig

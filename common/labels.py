@@ -3,11 +3,11 @@ model cannot learn from (with and without --streaming)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from common.errors import UserError
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     import datasets

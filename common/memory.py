@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-
 from typing import TYPE_CHECKING
+
 
 if TYPE_CHECKING:  # names for the type hints only
     import torch

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-
 from typing import TYPE_CHECKING
+
 
 if TYPE_CHECKING:  # names for the type hints only
     import torch

@@ -19,13 +19,13 @@ its own peak (lr x its scale) times the same schedule factor.
 from __future__ import annotations
 
 import math
+from typing import Optional, TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from common.models import in_heads
 
-from typing import Optional, TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig

@@ -11,7 +11,6 @@ import torch
 from common.accelerator import bare_model
 from common.models import freeze_backbone, set_train_mode
 
-
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator
     from torch import nn

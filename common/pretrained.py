@@ -19,12 +19,12 @@ as well as ResNet18 at a third of the compute. `--model resnet18` is the tutoria
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.errors import UserError
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from torch import nn

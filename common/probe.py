@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 from accelerate.data_loader import SeedableRandomSampler
@@ -31,7 +31,6 @@ from common.metrics import load_metrics, score
 from common.models import Network, in_heads
 from common.optim import build_optimizer, build_scheduler
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

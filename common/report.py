@@ -4,7 +4,7 @@ card in best/ (main process), the tracker's summary, and the last lines printed.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 from common.best import best_predictions
 from common.calibration import expected_calibration_error, fit_temperature
@@ -15,7 +15,6 @@ from common.metrics import wilson_interval
 from common.tracking import log_pictures, set_summary
 from common.viz import confusion_matrix_png, prediction_grid_png, top_losses_png
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

@@ -13,7 +13,7 @@ the new global batches; otherwise the run refuses, naming an epoch-end checkpoin
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, load_checkpoint,
                                restore_best, set_aside_later_checkpoints)
@@ -21,7 +21,6 @@ from common.errors import UserError
 from common.files import read_jsonl, write_jsonl
 from common.optim import position_scheduler
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

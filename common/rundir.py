@@ -6,12 +6,12 @@ import os
 import re
 import shutil
 import time
+from typing import TYPE_CHECKING
 
 from accelerate.utils import broadcast_object_list
 
 from common.errors import UserError
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import PartialState

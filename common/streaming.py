@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
+from typing import Any, Callable, Iterable, TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -33,7 +34,6 @@ from common.errors import UserError
 from common.images import decode_image
 from common.labels import label_out_of_range, unknown_labels
 
-from typing import Any, Callable, Iterable, TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import PartialState

@@ -14,8 +14,8 @@ import platform
 import subprocess
 import sys
 from urllib.parse import urlparse
-
 from typing import Optional, TYPE_CHECKING
+
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

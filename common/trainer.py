@@ -24,7 +24,7 @@ import os
 import resource
 import signal
 import time
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 import torch
 
@@ -47,7 +47,6 @@ from common.resume import apply_resume, read_resume
 from common.tracking import log_metrics, log_pictures, start_run, tracker_run_id
 from common.viz import augmentation_preview_png
 
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator

@@ -4,10 +4,10 @@ the image grids)."""
 
 import itertools
 import math
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from typing import Any, Optional
 
 
 def _pyplot():
