@@ -59,6 +59,7 @@ from common.files import link_or_copy, replace_dir, usual_mode, write_json, writ
 
 if TYPE_CHECKING:  # names for the type hints only
     from accelerate import Accelerator
+    from common.config import TrainConfig
     from common.ema import ModelEma
     from torch import nn
 
@@ -344,9 +345,10 @@ def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
             elif rel.endswith(".safetensors"):
                 parse(rel, "safetensors")
             best[rel[5:]] = raw.pop(rel)
-    legacy = legacy_predictions(doc["train_state"].get("best"))
-    if keep_best and legacy is not None and best and PREDICTIONS not in best:
-        best[PREDICTIONS] = save_safetensors_bytes(legacy)  # restored into best/ as now
+    if keep_best and best and PREDICTIONS not in best:  # older: predictions in the state
+        legacy = legacy_predictions(doc["train_state"].get("best"))
+        if legacy is not None:
+            best[PREDICTIONS] = save_safetensors_bytes(legacy)  # restored into best/ as now
     return Checkpoint(path=path, state=TrainState.from_dict(doc["train_state"]),
                       model=parse("model.safetensors", "safetensors"),
                       optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
@@ -446,7 +448,7 @@ class CheckpointPolicy:
     or only when stopped), and each position once: a step checkpoint that falls on the
     epoch's end (or a stop) is not written twice."""
 
-    def __init__(self, cfg, output_dir: str):
+    def __init__(self, cfg: TrainConfig, output_dir: str):
         self.every, self.limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
         self.batch_size = cfg.batch_size
         self.gradient_accumulation_steps = cfg.gradient_accumulation_steps

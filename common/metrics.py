@@ -8,27 +8,34 @@ every process (`gather_for_metrics`), so every rank gets the same exact numbers.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
-from typing import TYPE_CHECKING
+from typing import Optional, TYPE_CHECKING
 
 
 if TYPE_CHECKING:  # names for the type hints only
     import torch
+    from accelerate import Accelerator
 
 _MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_metrics")
 
 
-@functools.cache
-def load_metrics() -> dict:
-    """The accuracy and per-class modules, loaded once per process. Call under
-    `accelerator.main_process_first()`: evaluate copies each script into the HF modules
-    cache under a file lock. Imported here, not at the top: training starts without waiting
-    for it."""
-    import evaluate
+_LOADED: Optional[dict] = None
 
-    return {name: evaluate.load(os.path.join(_MODULES, name), keep_in_memory=True)
-            for name in ("accuracy", "per_class")}
+
+def load_metrics(accelerator: Optional[Accelerator] = None) -> dict:
+    """The accuracy and per-class modules, loaded at the first call in this process (at the
+    first evaluation, so that training starts without waiting for `evaluate`'s import).
+    With `accelerator`, called by every process at the same points: the main one loads
+    first, since evaluate copies each script into the HF modules cache under a file lock."""
+    global _LOADED
+    if _LOADED is None:
+        import evaluate
+
+        with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+            _LOADED = {name: evaluate.load(os.path.join(_MODULES, name), keep_in_memory=True)
+                       for name in ("accuracy", "per_class")}
+    return _LOADED
 
 
 def compute_metrics(metrics: dict, predictions: torch.Tensor, references: torch.Tensor,

@@ -26,7 +26,7 @@ from accelerate.data_loader import SeedableRandomSampler
 from common.data import BalancedSampler
 from common.checkpoint import TrainState
 from common.engine import evaluate, make_loss, train_epoch
-from common.features import FeatureDataset, cached_feature_loaders
+from common.features import cached_feature_loaders
 from common.metrics import load_metrics, score
 from common.models import Network, in_heads
 from common.optim import build_optimizer, build_scheduler
@@ -72,7 +72,7 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
                  if in_heads(k, network.head_names)}
     heads, train_loader, val_loader, _, _, info = cached_feature_loaders(
         accelerator, cfg, network, train, val, workers=workers)
-    features, labels = train_loader.dataset.features, train_loader.dataset.labels
+    dataset, labels = train_loader.dataset, train_loader.dataset.labels
     # every process trains the whole probe alike (nothing sharded, nothing to synchronise)
     val_loader = torch.utils.data.DataLoader(val_loader.dataset, batch_size=1024)
     # the extractor's defaults, whatever the fine-tune's optimiser flags say: epoch 0 is then
@@ -86,12 +86,10 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
     steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
     scheduler = build_scheduler(probe_cfg, optimizer, steps_per_epoch)
     loss_fn = make_loss(0.0, class_weights)  # the extractor's default objective
-    with accelerator.main_process_first():  # one process fills the HF cache
-        metrics = load_metrics()
+    metrics = load_metrics(accelerator)
     state, best = TrainState(), None
     for epoch in range(cfg.probe_epochs):
         state.epoch, state.batches_done = epoch, 0
-        dataset = FeatureDataset(features, labels)
         dataset.epoch.value = epoch  # epoch e reads feature view e mod views
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
                                              sampler=_order(cfg, labels, epoch))

@@ -27,6 +27,7 @@ import time
 from typing import Optional, TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from common.accelerator import bare_model, seed_for_training
 from common.best import BestKeeper
@@ -82,6 +83,9 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     # the schedule's length, known once the loader is sharded; --epochs auto is resolved here,
     # before anything trains, and cfg does not change after this line
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    # real samples in an epoch's last global batch: of the whole epoch's loader, also when a
+    # resumed epoch skips its first batches
+    remainder = last_batch_remainder(train_loader, accelerator.num_processes)
     if cfg.epochs == "auto":  # a budget of optimiser steps, whatever the size of the data
         cfg = dataclasses.replace(cfg, epochs=max(1, math.ceil(cfg.budget_steps /
                                                                steps_per_epoch)))
@@ -118,7 +122,6 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     earlier_seconds = state.wall_seconds  # of the sessions before a resume
     keeper = BestKeeper(accelerator, cfg, network, data.class_names, output_dir)
     checkpoints = CheckpointPolicy(cfg, output_dir)
-    metrics = _Metrics(accelerator)
     stop = StopSignal()  # handlers of this run only: put back in the finally below
 
     # the helpers below read `model` and `ema` when called: the model as the phase last
@@ -141,18 +144,19 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     def out_of_steps():  # --max-train-steps, counted over every session of the run
         return bool(cfg.max_train_steps) and state.step >= cfg.max_train_steps
 
+    def evaluate_on_val(module):
+        return evaluate(module, val_loader, load_metrics(accelerator), data.class_names,
+                        accelerator=accelerator, tta=cfg.tta,
+                        channels_last=network.channels_last)
+
     def evaluate_and_keep(row, t0):
         """Val metrics of the model (and its EMA), the metrics row, the best so far."""
-        val_m = evaluate(model, val_loader, metrics.get(), data.class_names,
-                         accelerator=accelerator, tta=cfg.tta,
-                         channels_last=network.channels_last)
+        val_m = evaluate_on_val(model)
         accelerator.print(_epoch_line("val", val_m))
         candidates = [("model", val_m, model)]
         if ema is not None and row["epoch"] > 0:
             ema.sync(accelerator)  # every rank scores (and may keep) rank 0's average
-            ema_m = evaluate(ema.module, val_loader, metrics.get(), data.class_names,
-                             accelerator=accelerator, tta=cfg.tta,
-                             channels_last=network.channels_last)
+            ema_m = evaluate_on_val(ema.module)
             accelerator.print(_epoch_line("val (EMA)", ema_m))
             candidates.append(("ema", ema_m, ema.module))
             row.update({f"ema_val_{k}": ema_m[k] for k in ("accuracy", "loss", "macro_f1")})
@@ -210,10 +214,8 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                 train_t0 = time.time()
                 for _ in train_epoch(model, bar, optimizer, scheduler, state, loss_fn=loss_fn,
                                      sums=(epoch_sums, window), accelerator=accelerator,
-                                     # of the whole epoch's loader, not of a resumed one
-                                     remainder=last_batch_remainder(
-                                         train_loader, accelerator.num_processes),
-                                     mix=mix, channels_last=network.channels_last):
+                                     remainder=remainder, mix=mix,
+                                     channels_last=network.channels_last):
                     if first_step_seconds is None:  # start-up, from the script's first line
                         first_step_seconds = round(time.time() - started, 2)
                     if ema is not None and not accelerator.optimizer_step_was_skipped:
@@ -275,9 +277,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                     "(--patience)")
                 break
         if val_m is None:  # resumed from a checkpoint taken after the last epoch
-            val_m = evaluate(model, val_loader, metrics.get(), data.class_names,
-                             accelerator=accelerator, tta=cfg.tta,
-                             channels_last=network.channels_last)
+            val_m = evaluate_on_val(model)
     finally:  # a notebook's next run (or its Ctrl-C) gets the handlers it had before
         stop.restore()
 
@@ -286,28 +286,13 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                      / 1024, 1))  # of the main process
     return finish(accelerator, cfg, network=network, data=data, state=state, val_m=val_m,
-                  metrics=metrics.get(), output_dir=output_dir, global_batch=global_batch,
-                  steps_per_epoch=steps_per_epoch,
+                  metrics=load_metrics(accelerator), output_dir=output_dir,
+                  global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                   wall=earlier_seconds + time.time() - started, stopped_early=stopped_early,
                   figures=figures)
 
 
-class _Metrics:
-    """The `evaluate` modules, loaded at the first evaluation (not before training)."""
-
-    def __init__(self, accelerator):
-        self.accelerator, self.modules = accelerator, None
-
-    def get(self) -> dict:
-        if self.modules is None:
-            with self.accelerator.main_process_first():  # one process fills the HF cache
-                self.modules = load_metrics()
-        return self.modules
-
-
 def _bar(accelerator, loader, state, total):
-    from tqdm.auto import tqdm
-
     return tqdm(loader, desc=f"epoch {state.epoch + 1} train", leave=False,
                 initial=state.batches_done, total=total,
                 disable=not accelerator.is_local_main_process)
