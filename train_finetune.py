@@ -30,6 +30,7 @@ from common.config import FinetuneConfig, parse_config  # noqa: E402
 from common.data import Data, build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
 from common.errors import cli  # noqa: E402
 from common.hardware import use_channels_last  # noqa: E402
+from common.log import logger  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
 from common.accelerator import setup_run  # noqa: E402
@@ -48,17 +49,17 @@ def main(argv=None):
     cfg = parse_config(FinetuneConfig, __doc__, argv)
     accelerator, output_dir = setup_run(cfg, "finetune")
     if cfg.epochs != "auto" and 0 < cfg.epochs <= cfg.freeze_epochs:
-        accelerator.print(f"warning: --epochs {cfg.epochs} <= --freeze-epochs "
-                          f"{cfg.freeze_epochs}: only the head trains; pass --freeze-epochs 0 "
-                          "(or more --epochs) to train every layer")
+        logger.warning(f"--epochs {cfg.epochs} <= --freeze-epochs "
+                       f"{cfg.freeze_epochs}: only the head trains; pass --freeze-epochs 0 "
+                       "(or more --epochs) to train every layer")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
     network.channels_last = use_channels_last(cfg, accelerator)
     weights = class_weights(cfg, train_ds, len(class_names))
     workers = num_workers(cfg, accelerator.num_processes)
     if cfg.probe_epochs and cfg.streaming:
-        accelerator.print("--streaming: no linear probe (cached features need random access); "
-                          "the new head starts random")
+        logger.info("--streaming: no linear probe (cached features need random access); "
+                    "the new head starts random")
         cfg = dataclasses.replace(cfg, probe_epochs=0)
     # (a resumed run has its weights; --epochs 0 evaluates the pretrained start as it is)
     probe = None

@@ -20,6 +20,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from common.config import save_config
 from common.errors import UserError
+from common.log import drop_held_lines, log_path, log_to_file, logger, setup_logging
 from common.hardware import (cpu_has_amx, cpu_has_native_bf16, gpu_has_native_bf16,
                              launcher_chose_cpu)
 from common.rundir import check_output_dir, choose_output_dir
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # names for the type hints only
 
 def setup_run(cfg: TrainConfig, script: str) -> tuple[Accelerator, str]:
     """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
+    setup_logging(cfg.log_level, cfg.quiet)
     cpu = launcher_chose_cpu()
     state = PartialState(cpu=cpu)  # starts torch.distributed when launched with N processes
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -59,24 +61,27 @@ def setup_run(cfg: TrainConfig, script: str) -> tuple[Accelerator, str]:
         # we step the LR schedule per optimiser step ourselves (see common/optim.py)
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        log_to_file(log_path(output_dir))  # with the lines said so far
+        save_config(dataclasses.replace(cfg, output_dir=output_dir),
+                    os.path.join(output_dir, "config.yaml"))
+    else:
+        drop_held_lines()  # one train.log per run: the main process's
     on_cpu = accelerator.device.type == "cpu"
     # (keep_host_memory, ~1.9x faster CPU steps, comes once the data is loaded: data.py)
     if on_cpu and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
-        accelerator.print("warning: bf16 on a CPU without AMX/AVX512-BF16 is emulated and "
-                          "slower than fp32; consider --mixed_precision no")
+        logger.warning("bf16 on a CPU without AMX/AVX512-BF16 is emulated and "
+                       "slower than fp32; consider --mixed_precision no")
     if accelerator.mixed_precision == "no" and (
             (not on_cpu and gpu_has_native_bf16(accelerator.device)) or
             (on_cpu and cpu_has_amx())):
-        accelerator.print("hint: this " + ("GPU" if not on_cpu else "CPU (AMX)") + " computes "
-                          "bf16 natively, usually ~2x faster for training than fp32: "
-                          "accelerate launch --mixed_precision bf16 ... (see benchmarks/README.md)")
+        logger.info("hint: this " + ("GPU" if not on_cpu else "CPU (AMX)") + " computes "
+                    "bf16 natively, usually ~2x faster for training than fp32: "
+                    "accelerate launch --mixed_precision bf16 ... (see benchmarks/README.md)")
     if on_cpu and accelerator.mixed_precision == "fp16":
-        accelerator.print("warning: Accelerate does not autocast fp16 on CPU; use bf16 "
-                          "(on CPUs with AMX) or no")
-    if accelerator.is_main_process:
-        os.makedirs(output_dir, exist_ok=True)
-        save_config(dataclasses.replace(cfg, output_dir=output_dir),
-                    os.path.join(output_dir, "config.yaml"))
+        logger.warning("Accelerate does not autocast fp16 on CPU; use bf16 "
+                       "(on CPUs with AMX) or no")
     accelerator.wait_for_everyone()
     # The same seed on every rank while the model is built: identical new heads everywhere
     # (DDP would broadcast rank 0's anyway; the cached-feature extractor has no DDP to do it).

@@ -41,7 +41,7 @@ import stat
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TYPE_CHECKING
+from typing import Optional, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from common.engine import Totals
 from common.errors import RunFailure, UserError
 from common.export import PREDICTIONS, cpu_state_dict
 from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
+from common.log import logger
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -355,8 +356,7 @@ def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
                       rng=rng, best=best, extra=extra)
 
 
-def load_checkpoint(arg: str, output_dir: str, say: Callable = print,
-                    keep_best: bool = True) -> Checkpoint:
+def load_checkpoint(arg: str, output_dir: str, keep_best: bool = True) -> Checkpoint:
     """The checkpoint named by `--resume-from-checkpoint arg`, read and checked. For `latest`,
     a newest checkpoint that fails its digests (a crash or a full disk cut it short after
     the pointer moved) is passed over for the one before it, saying so in one line; a
@@ -374,8 +374,8 @@ def load_checkpoint(arg: str, output_dir: str, say: Callable = print,
             if i + 1 == len(candidates):
                 raise
             reason = getattr(e, "reason", f"no valid {MANIFEST}")
-            say(f"warning: {os.path.basename(path)} is damaged ({reason}); resuming from "
-                f"the checkpoint before it, {os.path.basename(candidates[i + 1])}")
+            logger.warning(f"{os.path.basename(path)} is damaged ({reason}); resuming from "
+                           f"the checkpoint before it, {os.path.basename(candidates[i + 1])}")
 
 
 def set_aside_later_checkpoints(output_dir: str, step: int) -> None:
@@ -389,8 +389,8 @@ def set_aside_later_checkpoints(output_dir: str, step: int) -> None:
     os.makedirs(dest, exist_ok=True)
     for d in later:
         os.replace(os.path.join(root, d), os.path.join(dest, d))
-    print(f"resuming at step {step}: moved the later checkpoints of the abandoned run "
-          f"({', '.join(later)}) to {dest}")
+    logger.info(f"resuming at step {step}: moved the later checkpoints of the abandoned run "
+                f"({', '.join(later)}) to {dest}")
 
 
 def restore_best(output_dir: str, ckpt: Checkpoint) -> None:

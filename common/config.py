@@ -153,6 +153,10 @@ class TrainConfig:
     group: Optional[str] = opt(None, "W&B group (default: <dataset>/<model>, so fine-tune "
                                "and extractor runs of one backbone sit together)")
     tags: Optional[str] = opt(None, "comma-separated W&B tags")
+    log_level: str = opt("info", "what the console and the run folder's train.log say",
+                         choices=("debug", "info", "warning", "error"))
+    quiet: bool = opt(False, "on the console only warnings, errors and the final result line "
+                      "(train.log keeps every line at --log-level)")
 
 
 @dataclass

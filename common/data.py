@@ -37,6 +37,7 @@ from common.hardware import launcher_chose_cpu
 from common.imagecheck import drop_unreadable
 from common.images import decode_image, decode_sizes
 from common.labels import check_label_range, labels_of, unknown_labels
+from common.log import logger
 from common.memory import keep_host_memory
 from common.streaming import load_streaming, streaming_loaders
 
@@ -121,8 +122,8 @@ def _split_off_val(train, val_fraction, seed, why):
     counts = torch.bincount(torch.tensor(labels_of(train)))
     stratify = "label" if int(counts.min()) >= 2 else None
     parts = train.train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=stratify)
-    print(f"{why}: holding out {len(parts['test'])} of {len(train)} training images "
-          f"(--val-fraction {val_fraction}, seed {seed}) for validation")
+    logger.info(f"{why}: holding out {len(parts['test'])} of {len(train)} training images "
+                f"(--val-fraction {val_fraction}, seed {seed}) for validation")
     return parts["train"], parts["test"]
 
 
@@ -154,8 +155,8 @@ def load_hub_dataset(cfg: TrainConfig) -> tuple[datasets.Dataset, datasets.Datas
     val_name = next((s for s in (cfg.val_split, *VAL_SPLIT_FALLBACKS)
                      if s in dd and s != cfg.train_split), None)
     if val_name is not None and val_name != cfg.val_split:
-        print(f"--dataset {name}: no '{cfg.val_split}' split, so '{val_name}' selects the "
-              f"best epoch and is reported as val (pass --val-split to choose another)")
+        logger.info(f"--dataset {name}: no '{cfg.val_split}' split, so '{val_name}' selects the "
+                    f"best epoch and is reported as val (pass --val-split to choose another)")
     splits = {"train": train} if val_name is None else {"train": train, "val": dd[val_name]}
     for key, ds in splits.items():
         ds = ds.select_columns([cfg.image_column, cfg.label_column])

@@ -26,6 +26,7 @@ import zipfile
 from tqdm.auto import tqdm
 
 from common.errors import RunFailure, UserError
+from common.log import logger
 
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 HYMENOPTERA_DIGEST = "15d89271f257b89832a79a665d92fea577411e875ab6be14222a571af4b2b359"
@@ -105,9 +106,8 @@ def bundled_hymenoptera() -> str:
     except (OSError, ValueError) as e:
         raise UserError(f"the ants/bees copy shipped with the package is incomplete ({e}); "
                         "reinstall it, pass --data-dir DIR, or --download-original-data") from None
-    print(f"No --data-dir or --dataset: training on the tutorial's ants/bees set, the compact "
-          f"copy shipped with the package ({len(rows)} images, shorter side <= 320 px)",
-          file=sys.stderr)
+    logger.info(f"No --data-dir or --dataset: training on the tutorial's ants/bees set, the "
+                f"compact copy shipped with the package ({len(rows)} images, shorter side <= 320 px)")
     return BUNDLED_HYMENOPTERA
 
 
@@ -117,6 +117,6 @@ def ensure_hymenoptera(root: str = "data") -> str:
     if os.path.isdir(dest):
         return dest
     url = os.environ.get("TL_HYMENOPTERA_URL", HYMENOPTERA_URL)  # a mirror, or a test server
-    print(f"No --data-dir given: downloading the tutorial's ants/bees set from {url} into {root}/",
-          file=sys.stderr)
+    logger.info(f"No --data-dir given: downloading the tutorial's ants/bees set from {url} "
+                f"into {root}/")
     return download_and_extract(url, dest, HYMENOPTERA_DIGEST)

@@ -265,17 +265,18 @@ def check_finite(totals: Totals, state: TrainState) -> None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_names: list, *,
              accelerator: Optional[Accelerator] = None, tta: bool = False,
-             channels_last: bool = False) -> dict:
+             channels_last: bool = False, progress: bool = True) -> dict:
     """Exact loss/accuracy/per-class metrics over the whole eval set, on every rank.
     Per-sample results stay on the device until one gather at the end; Accelerate's padding
     repeats samples with their dataset index, so keeping one row per index counts every
     image exactly once. `accelerator` None: `loader` is this process's whole set (the
-    linear probe's cached features), evaluated here alone, in the model's precision."""
+    linear probe's cached features), evaluated here alone, in the model's precision.
+    `progress`: a progress bar on the local main process."""
     model.eval()
     device = None if accelerator else next(model.parameters()).device
     parts = []
-    for batch in tqdm(loader, desc="val", leave=False, disable=accelerator is None or
-                      not accelerator.is_local_main_process):
+    for batch in tqdm(loader, desc="val", leave=False, disable=not progress or
+                      accelerator is None or not accelerator.is_local_main_process):
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         x, y = model_inputs(batch, channels_last)

@@ -49,6 +49,7 @@ from common.errors import UserError
 from common.imagecheck import identity_digest
 from common.images import decode_sizes
 from common.labels import labels_of
+from common.log import logger
 from common.models import in_heads
 from common.hardware import cpu_has_native_bf16, gpu_has_native_bf16
 from common.memory import trim_host_memory
@@ -232,7 +233,7 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
         else [os.path.isfile(path)]
     info = dict(feature_cache=path, extract_precision=precision)
     if all(seen):
-        accelerator.print(f"features: cached in {path}")
+        logger.info(f"features: cached in {path}")
         info["features_cached"] = True
     else:
         t0 = time.time()
@@ -256,8 +257,8 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
         accelerator.wait_for_everyone()
         seconds = time.time() - t0
         n = shapes["train"][0] * views + shapes["val"][0]
-        accelerator.print(f"features: {shapes['train']} train, {shapes['val']} val in "
-                          f"{seconds:.1f} s ({n / seconds:.0f} img/s, {precision}) -> {path}")
+        logger.info(f"features: {shapes['train']} train, {shapes['val']} val in "
+                    f"{seconds:.1f} s ({n / seconds:.0f} img/s, {precision}) -> {path}")
         info.update(features_cached=False, extract_seconds=round(seconds, 2),
                     extract_images_per_second=round(n / seconds, 1))
     cached = mmap_tensors.open_read(path)

@@ -29,6 +29,7 @@ import PIL.Image
 from accelerate.utils import gather_object
 
 from common.errors import UserError
+from common.log import logger
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -122,9 +123,9 @@ def find_unreadable(split: datasets.Dataset, name: str, accelerator: Accelerator
             json.dump({"format": FORMAT, "rows": n, "bad": bad}, fh)
         os.replace(tmp, path)
     if n >= 5000:
-        accelerator.print(f"checked {n} {name} images in {time.time() - t0:.0f} s "
-                          f"({world} process(es) x {max(workers, 1)} worker(s)); verdicts "
-                          f"cached in {path}")
+        logger.info(f"checked {n} {name} images in {time.time() - t0:.0f} s "
+                    f"({world} process(es) x {max(workers, 1)} worker(s)); verdicts "
+                    f"cached in {path}")
     return bad
 
 
@@ -141,8 +142,8 @@ def drop_unreadable(ds: datasets.Dataset, split: str, strict: bool, accelerator:
         raise UserError(f"--strict-images: {name} cannot be read ({why}); "
                         f"{len(bad)} unreadable {split} image(s) in all")
     for _, name, why in bad:
-        accelerator.print(f"warning: skipping unreadable image {name} ({why})")
-    accelerator.print(f"warning: skipped {len(bad)} unreadable {split} image(s) of {len(ds)}; "
-                      "--strict-images makes this an error")
+        logger.warning(f"skipping unreadable image {name} ({why})")
+    logger.warning(f"skipped {len(bad)} unreadable {split} image(s) of {len(ds)}; "
+                   "--strict-images makes this an error")
     bad_rows = {i for i, _, _ in bad}
     return ds.select([i for i in range(len(ds)) if i not in bad_rows])

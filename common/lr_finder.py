@@ -33,6 +33,7 @@ from common.checkpoint import TrainState
 from common.data import set_epoch
 from common.engine import train_epoch
 from common.errors import RunFailure
+from common.log import logger
 from common.models import set_train_mode
 from common.optim import set_peak_lr
 from common.accelerator import bare_model
@@ -140,15 +141,15 @@ def find_lr(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.O
         raise RunFailure(f"--find-lr: the loss diverged after {len(lrs)} steps, from lr "
                         f"{START_LR:g}; check the data and model, or set --lr yourself")
     lr, best = suggest(lrs, smoothed)
-    accelerator.print(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "
-                      f"minimum smoothed loss {smoothed[best]:.4f} at lr {lrs[best]:.2e}; "
-                      + (f"suggested --lr {lr:.2e} (a tenth of that)" if lr else
-                         f"no suggestion: the loss never fell {MIN_FALL:.0%} below where it "
-                         f"was ({max(smoothed[:best + 1]):.4f}), so no lr is better than "
-                         "another here; set --lr yourself (see lr_find.png)"))
+    logger.info(f"LR range test: {len(lrs)} steps, lr {lrs[0]:.1e} -> {lrs[-1]:.1e}; "
+                f"minimum smoothed loss {smoothed[best]:.4f} at lr {lrs[best]:.2e}; "
+                + (f"suggested --lr {lr:.2e} (a tenth of that)" if lr else
+                   f"no suggestion: the loss never fell {MIN_FALL:.0%} below where it "
+                   f"was ({max(smoothed[:best + 1]):.4f}), so no lr is better than "
+                   "another here; set --lr yourself (see lr_find.png)"))
     if lr and best == len(smoothed) - 1:
-        accelerator.print("note: the loss was still falling at the end of the sweep (no "
-                          "divergence), so the suggestion may be low; see lr_find.png")
+        logger.info("note: the loss was still falling at the end of the sweep (no "
+                    "divergence), so the suggestion may be low; see lr_find.png")
     if accelerator.is_main_process:
         from common.files import write_json
         from common.viz import lr_find_png

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from common.errors import RunFailure, UserError
+from common.log import logger
 
 
 @dataclasses.dataclass
@@ -191,8 +192,8 @@ def _hub_offline_if_unreachable():
         get_session().head(hub.ENDPOINT, timeout=hub.HF_HUB_ETAG_TIMEOUT)
     except Exception as e:  # the HTTP client's transport errors (DNS, refused, timeout, proxy)
         hub.HF_HUB_OFFLINE = True  # read by huggingface_hub.is_offline_mode() at each call
-        print(f"{hub.ENDPOINT} is unreachable ({type(e).__name__}): using the local Hugging "
-              "Face cache only")
+        logger.info(f"{hub.ENDPOINT} is unreachable ({type(e).__name__}): using the local Hugging "
+                    "Face cache only")
 
 
 def _timm_heads(model):

@@ -27,6 +27,7 @@ from common.data import BalancedSampler
 from common.checkpoint import TrainState
 from common.engine import evaluate, make_loss, train_epoch
 from common.features import cached_feature_loaders
+from common.log import logger
 from common.metrics import load_metrics, score
 from common.models import Network, in_heads
 from common.optim import build_optimizer, build_scheduler
@@ -105,12 +106,12 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
         heads.load_state_dict(best[3])
     heads.train().to("cpu")
     seconds = time.time() - t0
-    accelerator.print(f"linear probe: {cfg.probe_epochs} epochs on cached features in "
-                      f"{seconds:.1f} s with the extraction; the head of epoch {best[1]} (val "
-                      f"accuracy {best[2]:.4f} on features) is epoch 0's model"
-                      + ("; every layer fine-tunes from it" if cfg.finetune_from == "probe"
-                         else "; every layer fine-tunes from a fresh head (--finetune-from "
-                              "random)"))
+    logger.info(f"linear probe: {cfg.probe_epochs} epochs on cached features in "
+                f"{seconds:.1f} s with the extraction; the head of epoch {best[1]} (val "
+                f"accuracy {best[2]:.4f} on features) is epoch 0's model"
+                + ("; every layer fine-tunes from it" if cfg.finetune_from == "probe"
+                   else "; every layer fine-tunes from a fresh head (--finetune-from "
+                        "random)"))
     return Probe(figures=dict(info, probe_seconds=round(seconds, 2), probe_best_epoch=best[1],
                               probe_val_accuracy=best[2]),
                  fresh_heads=fresh)

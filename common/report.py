@@ -11,6 +11,7 @@ from common.calibration import expected_calibration_error, fit_temperature
 from common.card import model_card
 from common.export import update_export
 from common.files import write_json
+from common.log import logger
 from common.metrics import wilson_interval
 from common.tracking import log_pictures, set_summary
 from common.viz import confusion_matrix_png, prediction_grid_png, top_losses_png
@@ -69,9 +70,9 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data
         log_pictures(accelerator, {k: v for k, v in pictures.items() if v}, state.step)
         _finish_export(cfg, network, results, os.path.join(output_dir, "best"),
                        pictures["confusion_matrix"])
-    accelerator.print(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
-                      f"Best val Acc: {best.val_accuracy:.4f} (95% CI {low:.3f}-{high:.3f}, "
-                      f"{n_val} images; epoch {best.epoch}) -> {output_dir}")
+    logger.result(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
+                f"Best val Acc: {best.val_accuracy:.4f} (95% CI {low:.3f}-{high:.3f}, "
+                f"{n_val} images; epoch {best.epoch}) -> {output_dir}")
     accelerator.end_training()
     return results
 

@@ -19,6 +19,7 @@ from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, load_ch
                                restore_best, set_aside_later_checkpoints)
 from common.errors import UserError
 from common.files import read_jsonl, write_jsonl
+from common.log import logger
 from common.optim import position_scheduler
 
 
@@ -35,7 +36,7 @@ def read_resume(accelerator: Accelerator, cfg: TrainConfig,
     """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
     if not cfg.resume_from_checkpoint:
         return None
-    return load_checkpoint(cfg.resume_from_checkpoint, output_dir, accelerator.print,
+    return load_checkpoint(cfg.resume_from_checkpoint, output_dir,
                            keep_best=accelerator.is_main_process)  # only it restores best/
 
 
@@ -62,10 +63,10 @@ def convert_progress(accelerator: Accelerator, cfg: TrainConfig, state: TrainSta
     state.step = state.epoch * steps_per_epoch + state.batches_done // \
         cfg.gradient_accumulation_steps
     state.schedule_steps = max(0, state.step - skipped)
-    accelerator.print(f"resuming a checkpoint of {saved[0]} process(es) x batch {saved[1]} on "
-                      f"{world[0]} x {world[1]}: epoch {state.epoch + 1}, batch "
-                      f"{state.batches_done}/{loader_len}, optimiser step {state.step} (same "
-                      "images seen; not bit-identical to an uninterrupted run)")
+    logger.info(f"resuming a checkpoint of {saved[0]} process(es) x batch {saved[1]} on "
+                f"{world[0]} x {world[1]}: epoch {state.epoch + 1}, batch "
+                f"{state.batches_done}/{loader_len}, optimiser step {state.step} (same "
+                "images seen; not bit-identical to an uninterrupted run)")
 
 
 def apply_resume(accelerator: Accelerator, cfg: TrainConfig, ckpt: Checkpoint, model: nn.Module,
@@ -86,9 +87,9 @@ def apply_resume(accelerator: Accelerator, cfg: TrainConfig, ckpt: Checkpoint, m
             # rows the interrupted run wrote after this checkpoint will be computed again
             rows, torn = read_jsonl(metrics_path)
             if torn:
-                accelerator.print(f"{metrics_path}: its last line was cut off by the crash; "
-                                  "dropped (that row is computed again)")
+                logger.info(f"{metrics_path}: its last line was cut off by the crash; "
+                            "dropped (that row is computed again)")
             write_jsonl(metrics_path, [r for r in rows if r["epoch"] <= state.epoch])
     accelerator.wait_for_everyone()
-    accelerator.print(f"Resuming from {ckpt.path}: epoch {state.epoch + 1}, batch "
-                      f"{state.batches_done}, optimiser step {state.step}")
+    logger.info(f"Resuming from {ckpt.path}: epoch {state.epoch + 1}, batch "
+                f"{state.batches_done}, optimiser step {state.step}")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from accelerate.utils import broadcast_object_list
 
 from common.errors import UserError
+from common.log import logger
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -18,6 +19,9 @@ if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig
 
 RUN_FILES = ("results.json", "metrics.jsonl", "best", "checkpoints")  # what a run writes
+# also replaced by --overwrite-output-dir (alone they do not make a folder "a run": a run that
+# stopped at a bad flag or a missing image leaves a train.log, and may be started again there)
+_ALSO_REPLACED = ("summary.csv", "train.log")
 
 
 def check_output_dir(cfg: TrainConfig, output_dir: str, is_main: bool) -> None:
@@ -34,10 +38,10 @@ def check_output_dir(cfg: TrainConfig, output_dir: str, is_main: bool) -> None:
                         f"use {hint}--overwrite-output-dir to replace it, or another folder")
     if not is_main:
         return
-    for f in found:  # only our own files; anything else in the folder stays
-        path = os.path.join(output_dir, f)
+    for f in found + [f for f in _ALSO_REPLACED if os.path.exists(os.path.join(output_dir, f))]:
+        path = os.path.join(output_dir, f)  # only our own files; anything else stays
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    print(f"--overwrite-output-dir: removed {', '.join(found)} from {output_dir}")
+    logger.info(f"--overwrite-output-dir: removed {', '.join(found)} from {output_dir}")
 
 
 def run_name(cfg: TrainConfig, script: str) -> str:

@@ -22,7 +22,6 @@ so they are off with --streaming.
 from __future__ import annotations
 
 import multiprocessing as mp
-import sys
 from typing import Any, Callable, Iterable, TYPE_CHECKING
 
 import datasets
@@ -33,6 +32,7 @@ from datasets.distributed import split_dataset_by_node
 from common.errors import UserError
 from common.images import decode_image
 from common.labels import label_out_of_range, unknown_labels
+from common.log import logger
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -124,8 +124,8 @@ def load_streaming(cfg: TrainConfig, name: str, val_names: tuple) -> tuple:
         out.append(StreamSplit(ds, size, None if isinstance(feature, datasets.ClassLabel)
                                else index, counts if key == "train" else None,
                                name=split, flag=flag, num_classes=len(classes)))
-    print(f"--dataset {name} --streaming: {out[0].size} train / {out[1].size} "
-          f"'{val_name}' images, {len(classes)} classes", file=sys.stderr)
+    logger.info(f"--dataset {name} --streaming: {out[0].size} train / {out[1].size} "
+                f"'{val_name}' images, {len(classes)} classes")
     return out[0], out[1], classes
 
 
@@ -148,8 +148,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
             try:
                 img = decode_image(src, self.min_side)
             except Exception as e:  # a corrupt image: skipped here, as the pre-check would
-                print(f"warning: skipping unreadable image {src.get('path') or ex['index']} "
-                      f"({type(e).__name__})", file=sys.stderr)
+                logger.warning(f"skipping unreadable image {src.get('path') or ex['index']} "
+                               f"({type(e).__name__})", main_process_only=False)  # its shard
                 continue
             label = ex["label"] if self.split.label_index is None \
                 else self.split.label_index[str(ex["label"])]

@@ -12,9 +12,10 @@ import netrc
 import os
 import platform
 import subprocess
-import sys
 from urllib.parse import urlparse
 from typing import Optional, TYPE_CHECKING
+
+from common.log import logger
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -40,8 +41,8 @@ def resolve_report_to(report_to: str, is_main_process: bool) -> Optional[str]:
     if report_to == "wandb" and not os.environ.get("WANDB_MODE") and not _wandb_has_account():
         os.environ["WANDB_MODE"] = "offline"  # every rank: only the main one starts a run
         if is_main_process:
-            print("W&B: no account configured (WANDB_API_KEY / `wandb login`), logging offline; "
-                  "upload later with `wandb sync`", file=sys.stderr)
+            logger.info("W&B: no account configured (WANDB_API_KEY / `wandb login`), logging "
+                        "offline; upload later with `wandb sync`")
     return report_to
 
 

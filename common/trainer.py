@@ -37,6 +37,7 @@ from common.ema import ModelEma
 from common.engine import (BatchMix, StopSignal, Sums, Totals, check_finite, evaluate,
                            last_batch_remainder, make_loss, reduce_sums, train_epoch)
 from common.files import append_jsonl, read_jsonl, write_csv
+from common.log import logger, progress_bars
 from common.lr_finder import find_lr
 from common.metrics import load_metrics, score
 from common.models import Network
@@ -136,8 +137,8 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     def stop_now():
         path = save()
         signum = stop.signum or signal.SIGTERM
-        accelerator.print(f"Stopped by {signal.Signals(signum).name}: saved {path}; continue "
-                          f"with --resume-from-checkpoint latest --output-dir {output_dir}")
+        logger.info(f"Stopped by {signal.Signals(signum).name}: saved {path}; continue "
+                    f"with --resume-from-checkpoint latest --output-dir {output_dir}")
         accelerator.end_training()
         raise SystemExit(128 + signum)
 
@@ -147,17 +148,17 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     def evaluate_on_val(module):
         return evaluate(module, val_loader, load_metrics(accelerator), data.class_names,
                         accelerator=accelerator, tta=cfg.tta,
-                        channels_last=network.channels_last)
+                        channels_last=network.channels_last, progress=progress_bars())
 
     def evaluate_and_keep(row, t0):
         """Val metrics of the model (and its EMA), the metrics row, the best so far."""
         val_m = evaluate_on_val(model)
-        accelerator.print(_epoch_line("val", val_m))
+        logger.info(_epoch_line("val", val_m))
         candidates = [("model", val_m, model)]
         if ema is not None and row["epoch"] > 0:
             ema.sync(accelerator)  # every rank scores (and may keep) rank 0's average
             ema_m = evaluate_on_val(ema.module)
-            accelerator.print(_epoch_line("val (EMA)", ema_m))
+            logger.info(_epoch_line("val (EMA)", ema_m))
             candidates.append(("ema", ema_m, ema.module))
             row.update({f"ema_val_{k}": ema_m[k] for k in ("accuracy", "loss", "macro_f1")})
         row.update({f"val_{k}": v for k, v in val_m.items()
@@ -185,6 +186,11 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
             else "all-layers"
 
     val_m, stopped_early, first_step_seconds = None, None, None
+    # for the epoch line's time left: this session's pace, evaluations included
+    session_t0, session_step0 = time.time(), state.step
+    planned_steps = max(cfg.epochs, 1) * steps_per_epoch
+    if cfg.max_train_steps:
+        planned_steps = min(planned_steps, cfg.max_train_steps)
     try:
         if probe is not None and cfg.epochs and state.best is None and state.epoch == 0 \
                 and state.batches_done == 0:
@@ -199,7 +205,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                 else {"epoch": 0, "stage": "start"}  # --epochs 0: the model as it starts
             stopping = partial = False
             if cfg.epochs:
-                model = phase.enter(accelerator, model, state.epoch, say=accelerator.print)
+                model = phase.enter(accelerator, model, state.epoch, say=logger.info)
                 set_epoch(train_loader, state.epoch)
                 loader = train_loader
                 if state.batches_done:  # resumed mid-epoch: skip what was trained on
@@ -211,6 +217,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                 epoch_sums = Sums(accelerator.device, state.train_sums
                                   if accelerator.is_main_process else None)
                 window = Sums(accelerator.device)
+                resumed_samples = state.train_sums.samples  # trained before a mid-epoch resume
                 train_t0 = time.time()
                 for _ in train_epoch(model, bar, optimizer, scheduler, state, loss_fn=loss_fn,
                                      sums=(epoch_sums, window), accelerator=accelerator,
@@ -248,10 +255,16 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                 # benchmarks/loader_vs_model.py compares with the bare model
                 train_m = dict(totals.metrics(), seconds=time.time() - train_t0)
                 row.update({f"train_{k}": v for k, v in train_m.items()})
-                accelerator.print(f"Epoch {state.epoch + 1}/{cfg.epochs}"
-                                  + (f" (partial: batch {state.batches_done}/"
-                                     f"{len(train_loader)})" if partial else "")
-                                  + f"\n{_epoch_line('train', train_m)}")
+                seconds_per_step = (time.time() - session_t0) / max(
+                    state.step - session_step0, 1)
+                left = (planned_steps - state.step) * seconds_per_step
+                logger.info(f"Epoch {state.epoch + 1}/{cfg.epochs}"
+                            + (f" (partial: batch {state.batches_done}/"
+                               f"{len(train_loader)})" if partial else "")
+                            + (f", about {_minutes(left)} left" if left > 0 else "")
+                            + f"\n{_epoch_line('train', train_m)}, "
+                            f"{(totals.samples - resumed_samples) / train_m['seconds']:.1f} "
+                            "img/s")
                 if partial:
                     row["partial"] = True
                     state.train_sums = totals  # over all processes, as saved
@@ -266,12 +279,12 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
             if stopping:
                 stop_now()
             if out_of_steps():
-                accelerator.print(f"--max-train-steps {cfg.max_train_steps}: done")
+                logger.info(f"--max-train-steps {cfg.max_train_steps}: done")
                 break
             if cfg.patience and cfg.epochs and \
                     state.epoch - state.best.epoch >= cfg.patience:
                 stopped_early = state.epoch
-                accelerator.print(
+                logger.info(
                     f"early stop after epoch {state.epoch}: val {cfg.select_metric} not "
                     f"better than epoch {state.best.epoch}'s for {cfg.patience} epochs "
                     "(--patience)")
@@ -295,7 +308,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
 def _bar(accelerator, loader, state, total):
     return tqdm(loader, desc=f"epoch {state.epoch + 1} train", leave=False,
                 initial=state.batches_done, total=total,
-                disable=not accelerator.is_local_main_process)
+                disable=not progress_bars() or not accelerator.is_local_main_process)
 
 
 def _train_values(totals: Totals, optimizer, state, batches_per_epoch: int) -> dict:
@@ -318,8 +331,8 @@ def _lr_range_test(accelerator, cfg, network, phase, model, optimizer, loader, l
     frozen = phase.frozen
     unfreeze = frozen and phase.freeze_epochs is not None
     if unfreeze:
-        accelerator.print("LR range test with every layer training (the head-only epochs "
-                          "of --freeze-epochs then use the same peak lr)")
+        logger.info("LR range test with every layer training (the head-only epochs "
+                    "of --freeze-epochs then use the same peak lr)")
         phase.set(bare_model(accelerator, model), False)
         model = rewrap_ddp(accelerator, model)
     probe_heads = None
@@ -339,7 +352,7 @@ def _lr_range_test(accelerator, cfg, network, phase, model, optimizer, loader, l
         rewrap_ddp(accelerator, model)  # as the prepared model was built: frozen
     if lr is None and cfg.lr == "auto":
         lr = type(cfg)(optimizer=cfg.optimizer).lr  # the script's default for this optimiser
-        accelerator.print(f"--lr auto: no suggestion, training with the default --lr {lr:g}")
+        logger.info(f"--lr auto: no suggestion, training with the default --lr {lr:g}")
     return lr
 
 
@@ -361,10 +374,10 @@ def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_ep
     """The run's first line, the tracker's run (with the resolved config) and, on a fresh
     run, the augmentation preview."""
     n_train, n_val = len(data.train_images), len(data.val_images)
-    accelerator.print(f"{cfg.script}: {n_train} train / {n_val} val images, "
-                      f"{len(data.class_names)} classes; {accelerator.num_processes} "
-                      f"process(es), {accelerator.mixed_precision} precision, global batch "
-                      f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
+    logger.info(f"{cfg.script}: {n_train} train / {n_val} val images, "
+                f"{len(data.class_names)} classes; {accelerator.num_processes} "
+                f"process(es), {accelerator.mixed_precision} precision, global batch "
+                f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
     config = dict(vars(cfg), lr_found=state.lr, script=cfg.script,
                   num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
@@ -377,6 +390,10 @@ def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_ep
         log_pictures(accelerator, {"augmentation": augmentation_preview_png(
             data.train_images, network.preprocessing, data.class_names,
             os.path.join(output_dir, "augmentation.png"))}, 0)
+
+
+def _minutes(seconds):
+    return f"{seconds // 60:.0f}m {seconds % 60:02.0f}s"
 
 
 def _epoch_line(phase, m):

@@ -44,7 +44,7 @@ def test_streaming_on_2_processes_counts_val_once_like_the_in_memory_dataset(
     launch("train_finetune.py", [*base, "--output-dir", tmp_path / "mem"], offline_env)
     proc = launch("train_finetune.py", [*base, "--streaming", "--output-dir",
                                         tmp_path / "stream"], offline_env, nproc=2)
-    assert "--streaming: 30 train / 15 'validation' images" in proc.stderr
+    assert "--streaming: 30 train / 15 'validation' images" in proc.stdout
     mem, stream = results(tmp_path / "mem"), results(tmp_path / "stream")
     assert mem["val_samples"] == stream["val_samples"] == 15
     assert stream["num_processes"] == 2

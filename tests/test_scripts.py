@@ -57,8 +57,18 @@ def test_script_trains_and_writes_a_complete_run_folder(script, nproc, image_fol
     assert meta["class_names"] == ["cat", "dog", "fox"]
     assert meta["preprocessing"]["input_size"] == 160  # test_resnet's pretrained config
     assert (out / "config.yaml").exists() and (out / "best" / "model.safetensors").exists()
-    # the tutorial's per-epoch lines
-    assert "train Loss:" in proc.stdout and "val Loss:" in proc.stdout
+    # the tutorial's per-epoch lines, with speed and time left, said once (by the main
+    # process) however many processes run; the same lines with times in the run's train.log
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(",")[0] for line in epoch_lines] == ["Epoch 1/3", "Epoch 2/3",
+                                                            "Epoch 3/3"], proc.stdout
+    assert all(" left" in line for line in epoch_lines[:2])
+    train_lines = [line for line in proc.stdout.splitlines() if line.startswith("train Loss:")]
+    assert len(train_lines) == 3 and all(line.endswith(" img/s") for line in train_lines)
+    assert "val Loss:" in proc.stdout and "[RANK" not in proc.stdout
+    log = (out / "train.log").read_text()
+    assert log.count("Epoch 1/3") == 1 and "Best val Acc" in log
+    assert log.splitlines()[0][:4].isdigit()  # each line starts with its date and time
 
 
 @pytest.mark.launch
@@ -141,7 +151,7 @@ def test_wandb_offline_two_processes_make_one_run_with_config_and_summary(
                                          "--epochs", "2", "--output-dir", out,
                                          "--run-name", "tiny-run", "--tags", "tiny,ci"],
                   env, nproc=2)
-    assert "logging offline" in proc.stderr
+    assert "logging offline" in proc.stdout
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1, runs
     info = _inspect(runs[0])
@@ -172,6 +182,28 @@ def _run_record(run_dir):
                          text=True, timeout=120).stdout
     return next(json.loads(line)["run"] for line in out.splitlines()
                 if line.startswith("{") and json.loads(line).get("type") == "run")
+
+
+@pytest.mark.parametrize("flags", [["--quiet"], ["--log-level", "warning"]])
+def test_quiet_and_log_level_thin_the_console(flags, tmp_path, offline_env):
+    """--quiet: warnings and the final line on the console, every line still in train.log;
+    --log-level warning: no info lines in either."""
+    data = make_image_folder(tmp_path / "data")
+    open(os.path.join(data, "train", "cat", "broken.jpg"), "wb").write(b"not a jpeg")
+    out = tmp_path / "run"
+    proc = launch("train_extractor.py", ["--data-dir", data, *TINY, "--no-pretrained",
+                                         "--epochs", "2", "--output-dir", out,
+                                         "--report-to", "none", *flags], offline_env)
+    console = proc.stdout.splitlines()
+    assert any(line.startswith("warning: skipping unreadable image") for line in console)
+    assert not any(line.startswith(("Epoch", "train Loss", "val Loss", "extractor:"))
+                   for line in console), proc.stdout
+    assert any(line.startswith("Best val Acc") for line in console) == (flags == ["--quiet"])
+    assert "epoch 1 train" not in proc.stderr  # no progress bar either
+    log = (out / "train.log").read_text()
+    quiet = flags == ["--quiet"]
+    assert "warning: skipping unreadable image" in log
+    assert ("Epoch 2/2" in log) == quiet and ("Best val Acc" in log) == quiet
 
 
 def test_tensorboard_tracker_writes_event_files(image_folder, tmp_path, offline_env):
