@@ -1,8 +1,12 @@
 """Export a run's best model to ONNX or TorchScript, and check the export against PyTorch.
 
-    python export.py outputs/finetune-20261128-101500 --format onnx          # -> RUN/model.onnx
-    python export.py runs/a --format torchscript --output a.pt
-    python predict.py outputs/finetune-20261128-101500/model.onnx photo.jpg
+    python export.py outputs/RUN --format onnx        # -> outputs/RUN/best/model.onnx
+    python export.py outputs/RUN --format torchscript --output a.pt
+    python predict.py outputs/RUN/best/model.onnx photo.jpg
+
+The export goes into the model's folder (the run's best/) by default, beside its weights,
+model.json and model card, so one folder holds everything to upload or ship
+(`huggingface-cli upload USER/NAME outputs/RUN/best`).
 
 ONNX: opset 17, a dynamic batch dimension, the input named `input` (normalised pixels,
 N x 3 x H x W) and the output `logits`; the export's model.json (class names, preprocessing,
@@ -87,7 +91,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a run folder (or its best/ export folder)")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    parser.add_argument("--output", help="file to write (default: RUN/model.onnx or model.pt)")
+    parser.add_argument("--output", help="file to write (default: model.onnx or model.pt "
+                        "in the model's folder, RUN/best/)")
     parser.add_argument("--images", help="images to check the export on (default: the run's "
                         "val images)")
     parser.add_argument("--check", type=int, default=64, help="how many images to check")
@@ -95,9 +100,13 @@ def main(argv=None):
                         help="largest probability difference accepted")
     args = parser.parse_args(argv)
     model, meta = load_exported(args.run)
-    run_dir = os.path.dirname(os.path.normpath(args.run)) \
-        if os.path.basename(os.path.normpath(args.run)) == "best" else args.run
-    output = args.output or os.path.join(run_dir, "model.onnx" if args.format == "onnx"
+    # the model's folder (a run's best/, or an export folder given as it is) and the run
+    # folder whose config.yaml names the val images
+    model_dir = args.run if os.path.isfile(os.path.join(args.run, "model.json")) \
+        else os.path.join(args.run, "best")
+    run_dir = os.path.dirname(os.path.normpath(model_dir)) \
+        if os.path.basename(os.path.normpath(model_dir)) == "best" else args.run
+    output = args.output or os.path.join(model_dir, "model.onnx" if args.format == "onnx"
                                          else "model.pt")
     files = _check_images(run_dir, args.images, args.check)
     x = _batch(files, meta["preprocessing"])

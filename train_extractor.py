@@ -13,6 +13,7 @@ results.json and best/ to --output-dir.
 """
 
 import time
+from typing import Optional
 
 STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wall time counts them
 
@@ -24,20 +25,36 @@ from common.data import Data, build_dataloaders, class_weights, load_data, num_w
 from common.errors import UserError, cli  # noqa: E402
 from common.features import cached_feature_loaders  # noqa: E402
 from common.hardware import use_channels_last  # noqa: E402
+from common.log import close_log_file  # noqa: E402
 from common.models import build_model, freeze_backbone  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
 from common.trainer import fit  # noqa: E402
 
 
+def extract(argv: Optional[list] = None, **options) -> dict:
+    """Train a new head on the frozen backbone from Python (a notebook): `options` as the
+    flags' names, e.g. `extract(data_dir="flowers", report_to="none")`, and/or `argv` as on
+    the command line (it wins over `options`). Returns the results, as results.json holds
+    them. Raises UserError (RunFailure while running) with a one-line message; Ctrl-C saves
+    a checkpoint first, then exits like the script."""
+    cfg = parse_config(ExtractorConfig, __doc__, argv or [], options, where="extract()")
+    try:
+        return run(cfg, started=time.time())
+    finally:  # train.log complete and closed when the call returns
+        close_log_file()
+
+
 @cli
-def main(argv=None):
-    """Parse the flags (`argv`: a list as on the command line; None: sys.argv), build the
-    data (cached features by default) and the new heads' optimiser, train. Returns the
-    results (as results.json holds them)."""
-    # a script's wall time counts its imports; a call from Python (a notebook, the tests)
-    # starts its clock here
+def main(argv: Optional[list] = None) -> dict:
+    """The command line (`argv`: a list as on it; None: sys.argv): exit status 2 for a bad
+    flag, 1 for a failure while running."""
+    # a script's wall time counts its imports; a call from Python starts its clock here
     started = STARTED if __name__ == "__main__" else time.time()
-    cfg = parse_config(ExtractorConfig, __doc__, argv)
+    return run(parse_config(ExtractorConfig, __doc__, argv), started=started)
+
+
+def run(cfg: ExtractorConfig, *, started: float) -> dict:
+    """Build the data (cached features by default) and the new heads' optimiser, train."""
     accelerator, output_dir = setup_run(cfg, "extractor")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)

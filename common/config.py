@@ -12,12 +12,14 @@ as in every Accelerate script.
 
 import argparse
 import dataclasses
-import sys
+import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 import yaml
+
+from common.errors import UserError
 
 
 def float_or_auto(text: Any) -> Union[float, str]:
@@ -62,9 +64,11 @@ class TrainConfig:
                            "(-1: the cores left after the training processes' torch threads, at most 8; "
                            "0 when training on a CPU that torch already fills)")
     # model
-    model: str = opt("efficientnet_lite0", "backbone: efficientnet_lite0 (ImageNet weights "
-                     "installed with the package), a torchvision name (resnet18, the "
-                     "tutorial's; torchvision:NAME) or timm:NAME")
+    model: str = opt("tf_efficientnet_lite0", "backbone, named as in timm or torchvision: "
+                     "a name torchvision has is its model (resnet18, the tutorial's), any "
+                     "other a timm model (convnext_tiny.fb_in22k); timm:NAME, "
+                     "torchvision:NAME and hf-hub:ORG/NAME choose explicitly. The default's "
+                     "ImageNet weights are installed with the package")
     weights: Optional[str] = opt(None, "local pretrained weights (.safetensors, or a torch "
                                  "file loaded weights-only) instead of the library's download")
     pretrained: bool = opt(True, "start from pretrained weights (--no-pretrained: random init)")
@@ -237,11 +241,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad flags end in one line, like every other error here, not a page of usage."""
+    """Bad flags end in one line, like every other error here, not a page of usage: a
+    UserError (exit status 2 from the command line; an exception to catch from Python)."""
 
     def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"{message} (see --help)")
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
@@ -271,22 +275,36 @@ def _read_yaml(parser, path, cls):
         parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of option: value")
+    return _typed_options(parser, values, cls, f"--config {path}")
+
+
+def _typed_options(parser, values, cls, where):
+    """`values` (option: value, from a YAML file or a Python call) checked against the
+    config's fields and parsed like their flags."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            parser.error(f"--config {path}: unknown option '{key}'")
+            close = difflib.get_close_matches(name, known, n=1)
+            parser.error(f"{where}: unknown option '{key}'"
+                         + (f"; did you mean '{close[0]}'?" if close else ""))
         t = _field_type(known[name])
         if value is None and t is known[name].type:  # not Optional: null is no value of it
             # (a config.yaml from before --bn-eval became a plain bool holds `bn_eval: null`)
-            parser.error(f"--config {path}: '{key}' should be {t.__name__}, got null")
+            parser.error(f"{where}: '{key}' should be {t.__name__}, got null")
         parse = known[name].metadata.get("parse", t)
         if value is not None and t is not bool and (parse is not t or not isinstance(value, t)):
             try:
                 value = parse(value)
             except (TypeError, ValueError):
-                parser.error(f"--config {path}: '{key}' should be {t.__name__}, got {value!r}")
+                parser.error(f"{where}: '{key}' should be {t.__name__}, got {value!r}")
+        if value is not None and t is bool and not isinstance(value, bool):
+            parser.error(f"{where}: '{key}' should be bool, got {value!r}")
+        choices = known[name].metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            parser.error(f"{where}: '{key}' should be one of {', '.join(map(str, choices))}, "
+                         f"got {value!r}")
         out[name] = value
     return out
 
@@ -351,12 +369,17 @@ def _validate(parser, cfg):
         parser.error(f"--model: {e}")
 
 
-def parse_config(cls: type, description: str, argv: Optional[list] = None) -> TrainConfig:
-    """Parse `argv` into a `cls` instance; bad values exit with a one-line argparse error."""
+def parse_config(cls: type, description: str, argv: Optional[list] = None,
+                 options: Optional[dict] = None, where: str = "") -> TrainConfig:
+    """Parse `argv` (None: the command line) into a `cls` instance. `options` (keyword
+    arguments of a Python call, named `where` in errors) are read like a --config file's,
+    below the flags. Raises UserError, one line, for a bad flag, option or value."""
     parser = build_parser(cls, description)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_read_yaml(parser, pre.config, cls))
+    if options:
+        parser.set_defaults(**_typed_options(parser, options, cls, where or cls.script))
     args = vars(parser.parse_args(argv))
     args.pop("config")
     cfg = cls(**args)

@@ -8,6 +8,8 @@ import functools
 import sys
 from typing import Callable
 
+from common.log import close_log_file, write_to_log_file
+
 
 class UserError(Exception):
     """Bad input (a path, a flag, a file): the message says what is wrong and what to do.
@@ -28,10 +30,17 @@ def cli(main: Callable) -> Callable:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1 if isinstance(e, RunFailure) else 2)
+            _end(f"error: {e}", 1 if isinstance(e, RunFailure) else 2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
+            _end("interrupted", 130)
+        finally:
+            close_log_file()
 
     return wrapper
+
+
+def _end(line, status):
+    """The run's last line: on stderr, and in its train.log when it has one."""
+    write_to_log_file(line)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -157,6 +157,14 @@ def drop_held_lines() -> None:
             h.close()
 
 
+def write_to_log_file(line: str) -> None:
+    """`line` into train.log alone (the error that ends a run: the console has it on stderr)."""
+    record = logging.LogRecord(NAME, logging.INFO, __file__, 0, line, None, None)
+    for h in logging.getLogger(NAME).handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def close_log_file() -> None:
     """Close train.log (the end of a run in a process that goes on: a notebook, a test)."""
     log = logging.getLogger(NAME)

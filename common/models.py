@@ -1,4 +1,10 @@
-"""Backbones from torchvision (`resnet18`, `torchvision:NAME`) and timm (`timm:NAME`).
+"""Backbones from torchvision and timm, named as their users write them.
+
+A bare name is torchvision's when torchvision has it (`resnet18`, the tutorial's), else
+timm's (`tf_efficientnet_lite0`, `convnext_tiny.fb_in22k`, `vit_small_patch16_224`);
+`torchvision:NAME`, `timm:NAME` and `hf-hub:ORG/NAME` (a timm model on the Hugging Face Hub)
+choose explicitly. `efficientnet_lite0`, this project's former name of its default, is
+timm's `tf_efficientnet_lite0` (timm's own `efficientnet_lite0` is `timm:efficientnet_lite0`).
 
 `build_model` returns the network with fresh heads sized to the classes, the qualified names
 of those heads (everything else is "the backbone"; distilled models such as DeiT's have two,
@@ -14,6 +20,7 @@ or none (`--no-pretrained`). The head of a weights file is dropped when its shap
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import urllib.error
@@ -58,40 +65,59 @@ def in_heads(name: str, head_names: tuple) -> bool:
 
 
 def split_model_name(name: str) -> tuple[str, str]:
-    """'resnet18' -> ('torchvision', 'resnet18'); 'timm:convnext_tiny' -> ('timm', ...);
-    'efficientnet_lite0' -> ('bundled', ...): weights installed with the package."""
-    from common.pretrained import BUNDLED
+    """(library, architecture): 'resnet18' -> ('torchvision', 'resnet18'); 'convnext_tiny.fb_in22k'
+    (torchvision lacks it) or 'timm:convnext_tiny' -> ('timm', ...); 'hf-hub:ORG/NAME' ->
+    ('timm', 'hf-hub:ORG/NAME'); 'efficientnet_lite0' -> ('timm', 'tf_efficientnet_lite0')."""
+    from common.pretrained import ALIASES
 
-    if name in BUNDLED:
-        return "bundled", name
-    library, _, arch = name.rpartition(":")
-    return (library or "torchvision"), arch
+    name = ALIASES.get(name, name)
+    if name.startswith("hf-hub:"):
+        return "timm", name
+    library, sep, arch = name.partition(":")
+    if sep:
+        return library, arch
+    return ("torchvision" if name in _torchvision_names() else "timm"), name
 
 
+@functools.lru_cache(maxsize=None)
 def _torchvision_names():
     import torchvision
 
-    return torchvision.models.list_models(module=torchvision.models)  # classification only
+    return tuple(torchvision.models.list_models(module=torchvision.models))  # classification
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_names():
+    import timm
+
+    return tuple(timm.list_models())
 
 
 def check_model_name(name: str) -> None:
     """Raise ValueError, with close names as suggestions, unless `name` is a known model."""
     library, arch = split_model_name(name)
-    if library == "bundled":
+    if library not in ("torchvision", "timm"):
+        raise ValueError(f"unknown library '{library}' in '{name}': use NAME, timm:NAME, "
+                         "torchvision:NAME or hf-hub:ORG/NAME")
+    if arch.startswith("hf-hub:"):  # the Hub says whether it exists when it is fetched
         return
-    if library == "torchvision":
-        known = _torchvision_names()
-    elif library == "timm":
+    known = _torchvision_names() if library == "torchvision" else _timm_names()
+    if "." in arch and library == "timm":  # NAME.TAG: one of the model's pretrained weights
         import timm
 
-        known = timm.list_models()
-    else:
-        raise ValueError(f"unknown library '{library}' in '{name}': use NAME, "
-                         "torchvision:NAME or timm:NAME")
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(f'{library}:{c}' for c in close)}?" if close else ""
-        raise ValueError(f"no {library} model named '{arch}'{hint}")
+        known = timm.list_pretrained()
+    if arch in known:
+        return
+    if ":" in name:
+        close = [f"{library}:{c}" for c in difflib.get_close_matches(arch, known, n=3,
+                                                                      cutoff=0.6)]
+        raise ValueError(f"no {library} model named '{arch}'"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if "." not in arch:
+        known = tuple(dict.fromkeys(_torchvision_names() + _timm_names()))  # resnet18 once
+    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
+    raise ValueError(f"no torchvision or timm model named '{arch}'"
+                     + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 def _interp_name(mode):
@@ -214,24 +240,29 @@ def _has_module(model, name):
 def build_model(name: str, num_classes: int, pretrained: bool = True,
                 weights: Optional[str] = None) -> Network:
     """The Network (model, head_names, preprocessing) with new `num_classes` heads."""
+    from common.pretrained import ALIASES, BUNDLED, bundled_state_dict
+
+    if name in ALIASES:
+        logger.info(f"--model {name}: this project's former name of timm's {ALIASES[name]} "
+                    f"(the same network and weights); timm's own {name} is another network, "
+                    f"--model timm:{name}")
     library, arch = split_model_name(name)
-    if library in ("timm", "bundled"):
+    if library == "timm":
         import timm
 
-        from common.pretrained import BUNDLED, bundled_state_dict
-
-        hub = library == "timm" and pretrained and weights is None
+        bundled = arch in BUNDLED and pretrained and weights is None  # installed with pip
+        hub = pretrained and weights is None and not bundled
         if hub:
             _hub_offline_if_unreachable()
         try:
-            model = timm.create_model(BUNDLED.get(arch, arch), pretrained=hub)
+            model = timm.create_model(arch, pretrained=hub)
         except OSError as e:  # no network / not in the Hub cache
             raise _download_failed(name, e) from None
         head_names = _timm_heads(model)
         if weights:
             load_into(model, load_weights_file(weights), head_names, weights)
-        elif library == "bundled" and pretrained:
-            model.load_state_dict(bundled_state_dict(arch, model))
+        elif bundled:
+            model.load_state_dict(bundled_state_dict(model, name))
         model.reset_classifier(num_classes)  # every head (timm resets head_dist too)
         head_names = _timm_heads(model)
         preprocessing = _preprocessing_timm(model)

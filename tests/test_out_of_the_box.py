@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, launch
 
 
 def test_bundled_weights_are_the_shared_lite0_file_tensor_for_tensor(shared_dir):
@@ -18,7 +18,7 @@ def test_bundled_weights_are_the_shared_lite0_file_tensor_for_tensor(shared_dir)
 
     from common.models import build_model
 
-    built = build_model("efficientnet_lite0", 1000)
+    built = build_model("tf_efficientnet_lite0", 1000)  # timm's name: the bundled weights
     reference = load_file(shared_dir["weights"])
     own = built.model.state_dict()
     body = [k for k in reference if not k.startswith("classifier.")]
@@ -36,14 +36,20 @@ def test_a_weights_file_that_does_not_map_is_refused(tmp_path, monkeypatch):
     from common.errors import UserError
 
     model = timm.create_model("tf_efficientnet_lite0")
-    mapped = pretrained.bundled_state_dict("efficientnet_lite0", model)
+    mapped = pretrained.bundled_state_dict(model)
     assert list(mapped) == list(model.state_dict())
+    # the former name builds the same network with the same weights
+    from common.models import build_model
+
+    old, new = (build_model(n, 2).model.state_dict()
+                for n in ("efficientnet_lite0", "tf_efficientnet_lite0"))
+    assert all(torch.equal(old[k], new[k]) for k in new if not k.startswith("classifier"))
     # a file that is not the pinned one
     bad = tmp_path / "lite0.pth"
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     monkeypatch.setattr(pretrained, "_weights_file", lambda: str(bad))
     with pytest.raises(UserError, match="sha256 differs"):
-        pretrained.bundled_state_dict("efficientnet_lite0", model)
+        pretrained.bundled_state_dict(model)
 
 
 def test_the_shipped_ants_bees_copy_is_the_tutorials_split_and_is_checked(tmp_path,
@@ -106,7 +112,40 @@ def test_readme_command_trains_with_no_network_no_data_and_no_weights(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.load(open(out / "results.json"))
     assert (res["train_samples"], res["val_samples"]) == (244, 153)
-    assert res["model"] == "efficientnet_lite0"
+    assert res["model"] == "tf_efficientnet_lite0"
     assert res["best_val_accuracy"] >= 0.85, res  # chance: 0.54
     assert not (tmp_path / "data").exists()  # nothing was downloaded
     assert "logging offline" in proc.stdout  # W&B, with no account, stays local
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["torch cache", "--weights"])
+def test_a_new_users_convnext_tiny_trains(source, image_folder, tmp_path, offline_env):
+    """`--model convnext_tiny` (torchvision's, as torchvision has that name) with its weights
+    in torch's local cache, and timm's `convnext_tiny.fb_in1k` from a --weights file (random
+    tensors here: no network, and only the plumbing is under test)."""
+    from safetensors.torch import save_file
+
+    env = dict(offline_env, TORCH_HOME=str(tmp_path / "torch"))
+    if source == "torch cache":
+        import torchvision
+
+        cache = tmp_path / "torch" / "hub" / "checkpoints"
+        cache.mkdir(parents=True)
+        torch.save(torchvision.models.convnext_tiny().state_dict(),
+                   cache / os.path.basename(torchvision.models.ConvNeXt_Tiny_Weights.DEFAULT.url))
+        model = ["--model", "convnext_tiny"]
+    else:
+        import timm
+
+        save_file(timm.create_model("convnext_tiny").state_dict(), tmp_path / "w.safetensors")
+        model = ["--model", "convnext_tiny.fb_in1k", "--weights", tmp_path / "w.safetensors"]
+    out = tmp_path / "run"
+    launch("train_finetune.py", ["--data-dir", image_folder, *model, "--epochs", "1",
+                                 "--probe-epochs", "1", "--batch-size", "6",
+                                 "--num-workers", "0", "--output-dir", out,
+                                 "--report-to", "none"], env)
+    res = json.load(open(out / "results.json"))
+    assert res["model"] == model[1] and res["optimizer_steps"] == 3
+    meta = json.load(open(out / "best" / "model.json"))
+    assert meta["preprocessing"]["input_size"] == 224

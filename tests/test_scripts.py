@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import launch, make_image_folder, run_script
 
-TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0"]
+TINY = ["--model", "test_resnet", "--batch-size", "4", "--num-workers", "0"]  # timm's
 RESULT_KEYS = {"best_val_accuracy", "best_epoch", "epochs", "train_samples", "val_samples",
                "num_processes", "mixed_precision", "wall_seconds"}
 
@@ -157,7 +157,7 @@ def test_wandb_offline_two_processes_make_one_run_with_config_and_summary(
     info = _inspect(runs[0])
     res = read_results(out)
     assert info["name"] == "tiny-run"
-    assert info["config"]["num_processes"] == 2 and info["config"]["model"] == "timm:test_resnet"
+    assert info["config"]["num_processes"] == 2 and info["config"]["model"] == "test_resnet"
     assert info["config"]["batch_size"] == 4 and info["config"]["global_batch_size"] == 8
     assert info["summary"]["best_val_accuracy"] == pytest.approx(res["best_val_accuracy"])
     assert info["summary"]["best_epoch"] == res["best_epoch"]
@@ -172,7 +172,7 @@ def test_wandb_offline_two_processes_make_one_run_with_config_and_summary(
     # against our step (its own _step counts log calls)
     assert info["summary"]["train/step"] == 6
     header = _run_record(runs[0])
-    assert header["job_type"] == "extractor" and header["run_group"] == "data/timm:test_resnet"
+    assert header["job_type"] == "extractor" and header["run_group"] == "data/test_resnet"
 
 
 def _run_record(run_dir):
@@ -204,6 +204,45 @@ def test_quiet_and_log_level_thin_the_console(flags, tmp_path, offline_env):
     quiet = flags == ["--quiet"]
     assert "warning: skipping unreadable image" in log
     assert ("Epoch 2/2" in log) == quiet and ("Best val Acc" in log) == quiet
+
+
+def test_python_entry_points_return_the_results_and_raise_user_errors(
+        image_folder, tiny_weights, tmp_path, offline_env, monkeypatch):
+    """README: `finetune(...)` / `extract(...)` from a notebook: options as keyword arguments
+    (and/or a command line), the results returned, a bad option or input an exception
+    (UserError), not an exit of the notebook's kernel."""
+    import logging
+
+    from common.errors import UserError
+    from conftest import _fresh_process_state
+    from train_extractor import extract
+    from train_finetune import finetune
+
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE"):
+        monkeypatch.setenv(key, offline_env[key])
+    monkeypatch.chdir(tmp_path)
+    _fresh_process_state()
+    try:
+        common = dict(data_dir=image_folder, model="test_resnet", weights=tiny_weights,
+                      batch_size=4, num_workers=0, report_to="none")
+        res = finetune(epochs=1, output_dir=str(tmp_path / "ft"), **common)
+        assert res["best_val_accuracy"] == read_results(tmp_path / "ft")["best_val_accuracy"]
+        assert (res["script"], res["epochs"]) == ("finetune", 1)
+        assert not [h for h in logging.getLogger("transfer_learning").handlers
+                    if isinstance(h, logging.FileHandler)]  # train.log closed
+        _fresh_process_state()
+        res = extract(["--epochs", "2"], epochs=1, output_dir=str(tmp_path / "ex"), **common)
+        assert (res["script"], res["epochs"]) == ("extractor", 2)  # the command line wins
+        _fresh_process_state()
+        with pytest.raises(UserError, match=r"finetune\(\): unknown option 'epoch'; did you "
+                                            "mean 'epochs'"):
+            finetune(epoch=3, **common)
+        with pytest.raises(UserError, match="'optimizer' should be one of"):
+            finetune(optimizer="adam", **common)
+        with pytest.raises(UserError, match="--data-dir"):
+            extract(**dict(common, data_dir=str(tmp_path / "nowhere")))
+    finally:
+        _fresh_process_state()
 
 
 def test_tensorboard_tracker_writes_event_files(image_folder, tmp_path, offline_env):

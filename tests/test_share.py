@@ -66,20 +66,23 @@ def test_model_card_states_the_accuracy_its_interval_and_how_to_load(trained):
 def test_export_matches_pytorch_and_predict_reads_onnx(fmt, name, trained, tmp_path,
                                                         offline_env):
     data, out, res = trained
-    proc = run_script("export.py", [out, "--format", fmt, "--output", tmp_path / name],
-                      offline_env)
+    # ONNX into the model's own folder (the default), TorchScript where --output says
+    written = out / "best" / name if fmt == "onnx" else tmp_path / name
+    proc = run_script("export.py", [out, "--format", fmt]
+                      + (["--output", written] if fmt != "onnx" else []), offline_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"-> {written}:" in proc.stdout and written.is_file()
     assert "labels agree 12/12" in proc.stdout
     if fmt != "onnx":
         return
     rows = {}
-    for model in (out, tmp_path / name):
+    for model in (out, written):
         csv_path = tmp_path / f"{os.path.basename(str(model))}.csv"
         proc = run_script("predict.py", [model, os.path.join(data, "val"), "--output",
                                          csv_path, "--probabilities"], offline_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows[model] = list(csv.DictReader(open(csv_path)))
-    torch_rows, onnx_rows = rows[out], rows[tmp_path / name]
+    torch_rows, onnx_rows = rows[out], rows[written]
     assert [r["label"] for r in torch_rows] == [r["label"] for r in onnx_rows]
     for a, b in zip(torch_rows, onnx_rows):
         for c in res["class_names"]:
