@@ -107,7 +107,8 @@ def bundled_hymenoptera() -> str:
         raise UserError(f"the ants/bees copy shipped with the package is incomplete ({e}); "
                         "reinstall it, pass --data-dir DIR, or --download-original-data") from None
     logger.info(f"No --data-dir or --dataset: training on the tutorial's ants/bees set, the "
-                f"compact copy shipped with the package ({len(rows)} images, shorter side <= 320 px)")
+                f"compact copy shipped with the package ({len(rows)} images, shorter side "
+                "<= 320 px)")
     return BUNDLED_HYMENOPTERA
 
 

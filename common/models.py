@@ -109,8 +109,8 @@ def check_model_name(name: str) -> None:
     if arch in known:
         return
     if ":" in name:
-        close = [f"{library}:{c}" for c in difflib.get_close_matches(arch, known, n=3,
-                                                                      cutoff=0.6)]
+        close = [f"{library}:{c}"
+                 for c in difflib.get_close_matches(arch, known, n=3, cutoff=0.6)]
         raise ValueError(f"no {library} model named '{arch}'"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
     if "." not in arch:

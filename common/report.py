@@ -71,8 +71,8 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data
         _finish_export(cfg, network, results, os.path.join(output_dir, "best"),
                        pictures["confusion_matrix"])
     logger.result(f"Training complete in {wall // 60:.0f}m {wall % 60:.0f}s\n"
-                f"Best val Acc: {best.val_accuracy:.4f} (95% CI {low:.3f}-{high:.3f}, "
-                f"{n_val} images; epoch {best.epoch}) -> {output_dir}")
+                  f"Best val Acc: {best.val_accuracy:.4f} (95% CI {low:.3f}-{high:.3f}, "
+                  f"{n_val} images; epoch {best.epoch}) -> {output_dir}")
     accelerator.end_training()
     return results
 
