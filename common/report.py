@@ -39,7 +39,8 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data
                                                              data.class_names)
     low, high = wilson_interval(round(best.val_accuracy * n_val), n_val)
     results = dict(
-        script=cfg.script, model=cfg.model, best_val_accuracy=best.val_accuracy,
+        script=cfg.script, model=cfg.model, output_dir=output_dir,
+        best_val_accuracy=best.val_accuracy,
         best_val_accuracy_ci95=[low, high], best_val_loss=best.val_loss,
         best_val_macro_f1=best.val_macro_f1,
         best_val_balanced_accuracy=best.val_balanced_accuracy, best_epoch=best.epoch,

@@ -18,7 +18,7 @@ from typing import Optional, TYPE_CHECKING
 from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, load_checkpoint,
                                restore_best, set_aside_later_checkpoints)
 from common.errors import UserError
-from common.files import read_jsonl, write_jsonl
+from common.files import read_jsonl, write_csv, write_jsonl
 from common.log import logger
 from common.optim import position_scheduler
 
@@ -89,7 +89,9 @@ def apply_resume(accelerator: Accelerator, cfg: TrainConfig, ckpt: Checkpoint, m
             if torn:
                 logger.info(f"{metrics_path}: its last line was cut off by the crash; "
                             "dropped (that row is computed again)")
-            write_jsonl(metrics_path, [r for r in rows if r["epoch"] <= state.epoch])
+            kept = [r for r in rows if r["epoch"] <= state.epoch]
+            write_jsonl(metrics_path, kept)
+            write_csv(os.path.join(output_dir, "summary.csv"), kept)  # the same rows, flat
     accelerator.wait_for_everyone()
     logger.info(f"Resuming from {ckpt.path}: epoch {state.epoch + 1}, batch "
                 f"{state.batches_done}, optimiser step {state.step}")

@@ -194,6 +194,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     try:
         if probe is not None and cfg.epochs and state.best is None and state.epoch == 0 \
                 and state.batches_done == 0:
+            logger.info(f"Epoch 0/{cfg.epochs}: the linear probe's head on the frozen backbone")
             val_m = evaluate_and_keep({"epoch": 0, "stage": "probe"}, time.time())  # kept
             if probe.fresh_heads is not None:  # unless beaten; --finetune-from random
                 ema = _restart_heads(network, probe, ema, cfg)
@@ -204,6 +205,8 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
             row = {"epoch": state.epoch + 1, "stage": stage(state.epoch)} if cfg.epochs \
                 else {"epoch": 0, "stage": "start"}  # --epochs 0: the model as it starts
             stopping = partial = False
+            if not cfg.epochs:
+                logger.info("Epoch 0/0: the model as it starts (--epochs 0)")
             if cfg.epochs:
                 model = phase.enter(accelerator, model, state.epoch, say=logger.info)
                 set_epoch(train_loader, state.epoch)

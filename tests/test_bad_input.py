@@ -225,7 +225,8 @@ def test_dataset_without_expected_columns(tmp_path, offline_env):
     (["--epochs", "-3"], "--epochs must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--report-to", "mlflow"], "argument --report-to: invalid choice"),
-    (["--model", "resnet181"], "did you mean torchvision:resnet18"),
+    (["--model", "resnet181"], "no torchvision or timm model named 'resnet181'; did you mean "
+                               "resnet18"),
 ])
 def test_bad_flags_are_rejected_before_any_work(offline_env, argv, message):
     proc = run_script("train_extractor.py", argv, offline_env)

@@ -228,6 +228,7 @@ def test_python_entry_points_return_the_results_and_raise_user_errors(
         res = finetune(epochs=1, output_dir=str(tmp_path / "ft"), **common)
         assert res["best_val_accuracy"] == read_results(tmp_path / "ft")["best_val_accuracy"]
         assert (res["script"], res["epochs"]) == ("finetune", 1)
+        assert res["output_dir"] == str(tmp_path / "ft")
         assert not [h for h in logging.getLogger("transfer_learning").handlers
                     if isinstance(h, logging.FileHandler)]  # train.log closed
         _fresh_process_state()

@@ -263,6 +263,7 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
     epochs = rows(tmp_path / "f")
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert [r["stage"] for r in epochs] == ["probe", "all-layers", "all-layers"]
+    assert "Epoch 0/2: the linear probe's head" in proc.stdout  # what epoch 0 is, said
     assert epochs[0]["val_accuracy"] == extractor["best_val_accuracy"]
     assert epochs[0]["val_loss"] == pytest.approx(extractor["best_val_loss"], rel=1e-4)
     assert finetune["probe_best_epoch"] == extractor["best_epoch"]
