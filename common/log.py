@@ -29,7 +29,6 @@ from accelerate.state import PartialState
 NAME = "transfer_learning"
 RESULT = 25  # between INFO and WARNING: the final line, shown even with --quiet
 logging.addLevelName(RESULT, "RESULT")
-LEVELS = ("debug", "info", "warning", "error")
 
 
 class _Logger(MultiProcessAdapter):
