@@ -26,6 +26,8 @@ Recipes (NAME=SCRIPT:FLAGS adds one; see RECIPES below):
 - plain-matched: the same, given the finetune defaults' wall time on that set and seed: their
   epochs plus as many as their probe and its evaluation took (needs finetune in the same run,
   earlier in --recipes)
+- fastai: fastai's `fine_tune(5)` with the same pretrained weights (benchmarks/fastai_recipe.py,
+  run by --fastai-python); skipped, with a line saying so, where fastai is not installed
 """
 
 import argparse
@@ -68,7 +70,27 @@ RECIPES = {
                           "--lr 0.01 --patience 0 --no-bn-eval"),
     "plain": ("finetune", f"{PLAIN} --epochs 10"),
     "plain-matched": ("finetune", PLAIN),  # --epochs from the finetune defaults' wall time
+    "fastai": ("fastai", ""),  # not our scripts: benchmarks/fastai_recipe.py
 }
+
+
+def run_fastai(data, seed, workdir, python):
+    """fastai's fine_tune(5) on `data` in a fresh process (None: fastai not installed)."""
+    out = os.path.join(workdir, "fastai.json")
+    cmd = [python, os.path.join(HERE, "fastai_recipe.py"), "--data", data, "--seed",
+           str(seed), "--json", out]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    wall = time.time() - t0
+    if proc.returncode == 3:  # fastai_recipe.NO_FASTAI
+        return None
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    with open(out) as fh:
+        res = json.load(fh)
+    return dict(res, process_seconds=round(wall, 1), script_seconds=res["wall_seconds"],
+                flags="fine_tune(5)")
 
 
 def run_one(script, flags, data, seed, model_args, workdir, threads, config):
@@ -174,6 +196,9 @@ def main():
                                                                     "cpu.yaml"),
                         help="e.g. accelerate_configs/single_gpu.yaml on a GPU (wall times "
                              "are only comparable within one machine and config)")
+    parser.add_argument("--fastai-python", default=sys.executable,
+                        help="the Python that runs the fastai recipe (one with fastai "
+                             "installed: it is a benchmark-only dependency)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: "
                         "accelerate's default, all cores); 1 lets two suites share 2 cores "
                         "without slowing each other down more than half")
@@ -213,8 +238,16 @@ def main():
                     epochs = ref["epochs"] + round(ref["start_seconds"]
                                                    / ref["mean_epoch_seconds"])
                     flags = f"{RECIPES[recipe][1]} --epochs {epochs}"
-                r = run_one(script, flags, data, seed, args.model_args.split(), workdir,
-                            args.threads, args.accelerate_config)
+                if script == "fastai":
+                    r = run_fastai(data, seed, workdir, args.fastai_python)
+                    if r is None:
+                        print(f"fastai recipe skipped: fastai is not installed for "
+                              f"{args.fastai_python} (pip install fastai, or "
+                              "--fastai-python PATH)", flush=True)
+                        break
+                else:
+                    r = run_one(script, flags, data, seed, args.model_args.split(), workdir,
+                                args.threads, args.accelerate_config)
                 r["seed"], r["machine"] = seed, describe()  # resumes may change machine
                 done.append(r)
                 print(f"{name:18s} {recipe:20s} seed {seed}: best val acc "
