@@ -19,11 +19,16 @@ if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig
 
 
+def _hub_dataset(cfg):
+    """--dataset when it names a Hub dataset (not a local folder), else None."""
+    return cfg.dataset if cfg.dataset and not os.path.exists(cfg.dataset) else None
+
+
 def _dataset_name(cfg):
     """The data's name as the card may print it: a Hub dataset's name, a local folder's last
     name only (a path of the training machine says nothing to a reader, and may say too
     much)."""
-    if cfg.dataset and not os.path.exists(cfg.dataset):
+    if _hub_dataset(cfg):
         return cfg.dataset
     if cfg.dataset or cfg.data_dir:
         return os.path.basename(os.path.normpath(cfg.dataset or cfg.data_dir))
@@ -56,7 +61,7 @@ def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_f
     n_val = results["val_samples"]
     data = _dataset_name(cfg)
     library = "timm" if timm_arch else "pytorch"
-    hub_dataset = cfg.dataset if cfg.dataset and not os.path.exists(cfg.dataset) else None
+    hub_dataset = _hub_dataset(cfg)
     metadata = ModelCardData(
         library_name=library, pipeline_tag="image-classification",
         tags=["image-classification", "transfer-learning", library],

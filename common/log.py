@@ -32,24 +32,15 @@ logging.addLevelName(RESULT, "RESULT")
 
 
 class _Logger(MultiProcessAdapter):
-    def log(self, level, msg, *args, **kwargs):
+    def log(self, level, msg, *args, main_process_only=True, in_order=False, **kwargs):
         if PartialState._shared_state == {}:  # no run yet: every caller is "the main process"
-            kwargs.pop("main_process_only", None)
-            kwargs.pop("in_order", None)
             self.logger.log(level, msg, *args, **kwargs)
-        elif kwargs.get("in_order") or PartialState().num_processes == 1:
-            super().log(level, msg, *args, **kwargs)
-        elif kwargs.pop("main_process_only", True):  # said by the main process for all
-            if PartialState().is_main_process:
+        elif main_process_only and not in_order or PartialState().num_processes == 1:
+            if PartialState().is_main_process:  # no rank prefix: one process speaks
                 self.logger.log(level, msg, *args, **kwargs)
-        else:
-            super().log(level, msg, *args, main_process_only=False, **kwargs)  # [RANK i]
-
-    def process(self, msg, kwargs):
-        if PartialState().num_processes == 1:  # one process: the rank says nothing
-            kwargs.setdefault("stacklevel", 2)
-            return msg, kwargs
-        return super().process(msg, kwargs)
+        else:  # every process says it: accelerate's way, with its [RANK i] prefix
+            super().log(level, msg, *args, main_process_only=False, in_order=in_order,
+                        **kwargs)
 
     def result(self, msg, *args, **kwargs):
         """The run's last word (where the model is, how good it is): shown even with --quiet."""
@@ -94,42 +85,51 @@ def setup_logging(level: str = "info", quiet: bool = False) -> None:
     """Console handler at `level` (`quiet`: warnings and the result line only) and a buffer
     for train.log until `log_to_file` names the run folder. Replaces the handlers of an
     earlier run in the same process."""
-    log = logging.getLogger(NAME)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
+    global _show_progress
+    log = _remove_handlers(logging.Handler)
     log.setLevel(level.upper())
     log.propagate = False  # our lines once, whatever the root logger does (notebooks)
     console = _Console(logging.WARNING if quiet else logging.getLevelName(level.upper()))
     console.setFormatter(_Prefix("%(message)s"))
     log.addHandler(console)
-    _progress[:] = [not quiet and log.getEffectiveLevel() <= logging.INFO]
-    _datasets_progress_bars(_progress[0])
+    _show_progress = not quiet and log.getEffectiveLevel() <= logging.INFO
+    _datasets_progress_bars(_show_progress)
     # capacity is a line count; flushLevel above CRITICAL: held until log_to_file
     log.addHandler(logging.handlers.MemoryHandler(capacity=10_000,
                                                   flushLevel=logging.CRITICAL + 1))
 
 
-_progress = [True]   # this run shows progress bars
-_bars_hidden = []  # whether we hid datasets' progress bars (not the user, by its env var)
+_show_progress = True  # this run shows progress bars
+_bars_hidden = False   # we hid datasets' progress bars (not the user, by its env var)
 
 
 def progress_bars() -> bool:
     """Whether this run shows progress bars: not with --quiet or a --log-level above info."""
-    return _progress[0]
+    return _show_progress
 
 
 def _datasets_progress_bars(show):
     """datasets' bars follow ours; a later run in the same process that shows bars gets
     them back."""
+    global _bars_hidden
     import datasets
 
     if not show and datasets.is_progress_bar_enabled():
         datasets.disable_progress_bars()
-        _bars_hidden.append(True)
+        _bars_hidden = True
     elif show and _bars_hidden:
         datasets.enable_progress_bars()
-        _bars_hidden.clear()
+        _bars_hidden = False
+
+
+def _remove_handlers(kinds) -> logging.Logger:
+    """Detach and close our logger's handlers of `kinds`; returns the logger."""
+    log = logging.getLogger(NAME)
+    for h in list(log.handlers):
+        if isinstance(h, kinds):
+            log.removeHandler(h)
+            h.close()
+    return log
 
 
 def log_to_file(path: str) -> None:
@@ -138,22 +138,17 @@ def log_to_file(path: str) -> None:
     log = logging.getLogger(NAME)
     file = logging.FileHandler(path, encoding="utf-8")
     file.setFormatter(_Prefix("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    for h in list(log.handlers):
+    for h in log.handlers:
         if isinstance(h, logging.handlers.MemoryHandler):
             h.setTarget(file)
             h.flush()
-            log.removeHandler(h)
-            h.close()
+    _remove_handlers(logging.handlers.MemoryHandler)
     log.addHandler(file)
 
 
 def drop_held_lines() -> None:
     """Other ranks write no train.log: stop holding their lines."""
-    log = logging.getLogger(NAME)
-    for h in list(log.handlers):
-        if isinstance(h, logging.handlers.MemoryHandler):
-            log.removeHandler(h)
-            h.close()
+    _remove_handlers(logging.handlers.MemoryHandler)
 
 
 def write_to_log_file(line: str) -> None:
@@ -166,11 +161,7 @@ def write_to_log_file(line: str) -> None:
 
 def close_log_file() -> None:
     """Close train.log (the end of a run in a process that goes on: a notebook, a test)."""
-    log = logging.getLogger(NAME)
-    for h in list(log.handlers):
-        if isinstance(h, (logging.FileHandler, logging.handlers.MemoryHandler)):
-            log.removeHandler(h)
-            h.close()
+    _remove_handlers((logging.FileHandler, logging.handlers.MemoryHandler))
 
 
 def log_path(output_dir: str) -> str:
