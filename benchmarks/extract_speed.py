@@ -4,7 +4,7 @@
 
 In one run, on whatever device is here: (1) the bare backbone's forward up to the features
 (`forward_features` + pooling, no head, no data: random batches of 32 at 224 px,
-channels-last) in fp32, and under bf16 autocast where `--extract-precision auto` picks bf16;
+channels-last, glibc's heap kept as the scripts keep it on CPU) in fp32, and under bf16 autocast where `--extract-precision auto` picks bf16;
 (2) `train_extractor.py --epochs 0` on the image folder with its defaults and a cold feature
 cache (decode from disk, resize, forward, write the cache), its `extract_images_per_second`
 from results.json. Prints both and the ratio of (2) to the best native precision of (1).
@@ -26,12 +26,14 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 from common.config import ExtractorConfig  # noqa: E402
 from common.features import extract_precision  # noqa: E402
+from common.memory import keep_host_memory  # noqa: E402
 from machine import describe  # noqa: E402
 
 SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
 
 
 def bare_forward(device, dtype, batches, batch_size=32):
+    keep_host_memory(device)  # as the scripts do on CPU: freed activations stay in the heap
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(

@@ -48,13 +48,13 @@ def loop_steps(args):
     orig = engine.train_step
     last_end = [None]
 
-    def timed(*args, **kwargs):
+    def timed(*step_args, **step_kwargs):  # not *args: that would hide the script's args
         nonlocal prof
         t0, f0 = time.perf_counter(), _faults()
         if args.ops and len(rows) == WARM:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
-        out = orig(*args, **kwargs)
+        out = orig(*step_args, **step_kwargs)
         t1 = time.perf_counter()
         # the time since the last step ended: the batch's loading plus the loop's own work
         rows.append((t0 - last_end[0] if last_end[0] else float("nan"), t1 - t0,

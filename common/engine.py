@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from common.errors import RunFailure
 from common.metrics import compute_metrics
-from common.memory import trim_host_memory
+from common.memory import HeapGuard
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -275,13 +275,15 @@ def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_name
     model.eval()
     device = None if accelerator else next(model.parameters()).device
     parts = []
+    # bounds the resident memory over many val batches of images on the CPU
+    guard = HeapGuard(accelerator.device if accelerator else device)
     for batch in tqdm(loader, desc="val", leave=False, disable=not progress or
                       accelerator is None or not accelerator.is_local_main_process):
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         x, y = model_inputs(batch, channels_last)
-        if x.ndim == 4:  # bounds RSS creep over many val batches of images on CPU
-            trim_host_memory(x.device)
+        if x.ndim == 4:  # images (not cached features)
+            guard()
         with accelerator.autocast() if accelerator else contextlib.nullcontext():
             logits = model(x).float()
             if tta and x.ndim == 4:  # --tta: the average over the image and its mirror

@@ -52,7 +52,7 @@ from common.labels import labels_of
 from common.log import logger
 from common.models import in_heads
 from common.hardware import cpu_has_native_bf16, gpu_has_native_bf16
-from common.memory import trim_host_memory
+from common.memory import HeapGuard
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -167,6 +167,7 @@ def _extract(accelerator, model, head_names, dataset, views, cfg, workers, chann
     """Features of `dataset` for each view, written by this machine's main process into
     `rows` ([N, views, dim] memmap; None elsewhere). Batches go to the model's device."""
     device = accelerator.device
+    guard = HeapGuard(device)  # bounds RSS creep over many batches on CPU
     if len(dataset) >= 10000:
         # decode in a worker process: the training process then never maps the whole image
         # column (memory-mapped Arrow pages count in its resident memory)
@@ -179,7 +180,7 @@ def _extract(accelerator, model, head_names, dataset, views, cfg, workers, chann
                                      process_index=accelerator.process_index,
                                      put_on_device=True)
         for batch in loader:
-            trim_host_memory(device)  # bounds RSS creep over many batches on CPU
+            guard()
             x = batch["pixel_values"]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

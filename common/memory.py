@@ -1,11 +1,11 @@
-"""Host memory on the CPU (glibc): reuse freed heap pages while training, hand them back while
-evaluating."""
+"""Host memory on the CPU (glibc): reuse freed heap pages, and hand them back when an
+evaluation or extraction pass has grown by more than a margin."""
 
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import TYPE_CHECKING
+from typing import Optional, TYPE_CHECKING
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -26,10 +26,10 @@ def keep_host_memory(device: torch.device) -> bool:
     kernel zeroes gigabytes of fresh pages again: ~800k page faults per step of
     EfficientNet-Lite0 at batch 32, about half of the step's time on a 2-core CPU. With
     mmap off and no automatic trim, the next step reuses the same heap: the bare step ran
-    1.9x faster, at +11% peak RSS (benchmarks/README.md, speed). Evaluation still hands the
-    pages back before each val batch (trim_host_memory), so memory between epochs stays
-    bounded. Left alone where the user tuned malloc (MALLOC_*_ or glibc.malloc.* in
-    GLIBC_TUNABLES) or the allocator is not glibc's."""
+    1.9x faster, at +11% peak RSS (benchmarks/README.md, speed). Evaluation and extraction
+    hand pages back when their memory creeps up (HeapGuard). Left alone where the user
+    tuned malloc (MALLOC_*_ or glibc.malloc.* in GLIBC_TUNABLES) or the allocator is not
+    glibc's."""
     if device.type != "cpu" or any(k in os.environ for k in _USER_MALLOC_ENV) or \
             "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
@@ -42,12 +42,8 @@ def keep_host_memory(device: torch.device) -> bool:
 
 
 def trim_host_memory(device: torch.device) -> None:
-    """On CPU, hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
-    A CPU forward pass at batch 32 allocates and frees hundreds of MB of activations; glibc
-    keeps freed pages mapped and, fragmented by the decoded images in between, the resident
-    memory creeps up with every batch (without this the peak grew by ~160 MB from 7 to 63 val
-    batches; with it by ~16 MB). Called before each evaluation and extraction batch, it costs
-    about 1-2% of a batch (benchmarks/README.md, memory)."""
+    """On CPU, hand freed heap pages back to the OS now (glibc's malloc_trim; a no-op
+    elsewhere). See HeapGuard for when evaluation and extraction do it."""
     global _MALLOC_TRIM
     if device.type != "cpu":
         return
@@ -58,3 +54,52 @@ def trim_host_memory(device: torch.device) -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
+
+
+def _anon_resident_bytes() -> Optional[int]:
+    """This process's resident anonymous memory (the heap and tensors, not mapped files),
+    from /proc; None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return None
+
+
+class HeapGuard:
+    """Bounds the resident memory of a CPU evaluation or extraction pass: call it before each
+    batch. A forward pass at batch 32 allocates and frees hundreds of MB of activations, and
+    glibc (kept from unmapping them by keep_host_memory) reuses those pages for the next
+    batch; but the decoded images in between fragment the heap, so resident memory creeps up
+    batch after batch (+478 MB from 63 to 625 val batches without a trim). Handing the pages
+    back before every batch bounds that, but every batch then faults its activations in
+    again, which halved the evaluation's speed (41 against 82 img/s on a 2-core CPU). So the
+    pages go back only when the anonymous resident memory has grown more than `margin_mb`
+    above its level after the pass's first batch (or the last hand-back's first batch): a
+    few times in hundreds of batches (benchmarks/README.md, memory). A no-op off the CPU;
+    without /proc it trims before every batch."""
+
+    def __init__(self, device: torch.device, margin_mb: int = 128):
+        self.device, self.margin = device, margin_mb << 20
+        self.level: Optional[int] = None
+        self.batches = 0  # since the pass began or the last hand-back
+        self.trims = 0
+
+    def __call__(self) -> None:
+        if self.device.type != "cpu":
+            return
+        self.batches += 1
+        if self.batches == 1:  # before the first batch: its activations are not there yet
+            return
+        now = _anon_resident_bytes()
+        if now is None:
+            trim_host_memory(self.device)
+            self.trims += 1
+        elif self.level is None:
+            self.level = now
+        elif now > self.level + self.margin:
+            trim_host_memory(self.device)
+            self.level, self.batches, self.trims = None, 1, self.trims + 1

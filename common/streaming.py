@@ -30,7 +30,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from common.errors import UserError
-from common.images import decode_image
+from common.images import decode_image, seeded
 from common.labels import label_out_of_range, unknown_labels
 from common.log import logger
 
@@ -156,10 +156,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
             if self.seed is None:
                 x = self.transform(img)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(np.random.SeedSequence(
-                        [self.seed, self.epoch.value, ex["index"]]).generate_state(1)[0]))
-                    x = self.transform(img)
+                x = seeded(self.transform, img, int(np.random.SeedSequence(
+                    [self.seed, self.epoch.value, ex["index"]]).generate_state(1)[0]))
             yield {"pixel_values": x, "labels": label, "index": ex["index"]}
 
 
