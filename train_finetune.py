@@ -7,15 +7,15 @@ Runs on CPU, one GPU, several GPUs or machines, in fp32/bf16/fp16, through Accel
 By default: a linear probe first (--probe-epochs: a new head trained on cached features of the
 frozen backbone, evaluated as epoch 0: the extractor's accuracy as a floor), then every layer
 from a fresh head at one learning rate (AdamW, lr 0.001, weight decay 0.05; --optimizer sgd:
-lr 0.01, momentum 0.9), BatchNorm statistics updated, for a budget of optimiser
-steps (--epochs auto, --budget-steps), annealed to the end; the best epoch by --select-metric
-(epoch 0 included) is kept.
+lr 0.01, momentum 0.9), BatchNorm statistics updated, for 8 epochs within 50 to 150 optimiser
+steps (--epochs auto, --budget-epochs, --budget-min-steps, --budget-steps), annealed to the
+end; the best epoch by --select-metric (epoch 0 included) is kept.
 Strategies: --finetune-from probe (LP-FT: every layer from the probe's head), --freeze-epochs N
 (head only on the fly), --backbone-lr-mult F and --layer-decay D (lower learning rates for
 pretrained and earlier layers), --scheduler step|cosine|onecycle|constant with --warmup-epochs,
 --label-smoothing, --optimizer sgd|adamw with --weight-decay, --find-lr / --lr auto, --augment,
 --mixup/--cutmix, --model-ema, --bn-eval, --patience, --class-weights auto / --sampler
-balanced for imbalanced classes.
+balanced for imbalanced classes, --train-size (smaller training crops, faster steps).
 The tutorial's recipe: --batch-size 4 --lr 0.001 --scheduler step --epochs 25 --probe-epochs 0
 (SGD, momentum 0.9, StepLR 7/0.1).
 Writes config.yaml, metrics.jsonl, results.json and best/ to --output-dir.

@@ -28,7 +28,7 @@ def float_or_auto(text: Any) -> Union[float, str]:
 
 
 def int_or_auto(text: Any) -> Union[int, str]:
-    """--epochs: a number, or 'auto' (a budget of optimiser steps, see --budget-steps)."""
+    """--epochs: a number, or 'auto' (see --budget-epochs)."""
     return "auto" if str(text).strip().lower() == "auto" else int(text)
 
 
@@ -170,10 +170,17 @@ class FinetuneConfig(TrainConfig):
     fresh head. Defaults chosen on five datasets (benchmarks/README.md)."""
 
     script: ClassVar[str] = "finetune"
-    epochs: object = opt("auto", "fine-tuning epochs (0: only evaluate; auto: enough for "
-                         "--budget-steps optimiser steps)", parse=int_or_auto)
-    budget_steps: int = opt(150, "--epochs auto: fine-tune for at least this many optimiser "
-                            "steps (a few hundred images get more epochs than thousands)")
+    epochs: object = opt("auto", "fine-tuning epochs (0: only evaluate; auto: --budget-epochs, "
+                         "within --budget-min-steps and --budget-steps)", parse=int_or_auto)
+    budget_epochs: int = opt(8, "--epochs auto: this many epochs, unless they hold fewer than "
+                             "--budget-min-steps or more than --budget-steps optimiser steps")
+    budget_min_steps: int = opt(50, "--epochs auto: at least this many optimiser steps (a few "
+                                "hundred images get more than --budget-epochs epochs)")
+    budget_steps: int = opt(150, "--epochs auto: at most this many optimiser steps, rounded "
+                            "up to whole epochs (thousands of images get fewer epochs)")
+    train_size: Optional[int] = opt(None, "side in pixels of the crops every layer trains on "
+                                    "(default: the model's input size); the linear probe and "
+                                    "every evaluation stay at the input size")
     optimizer: str = opt("adamw", "optimiser: adamw, or sgd (momentum --momentum)",
                          choices=("sgd", "adamw"))
     lr: Optional[float] = opt(None, "peak learning rate of the head (default: 0.001 with "
@@ -314,6 +321,11 @@ def _validate(parser, cfg):
     checks = [
         (cfg.epochs == "auto" or cfg.epochs >= 0, "--epochs must be >= 0 (or auto)"),
         (getattr(cfg, "budget_steps", 1) >= 1, "--budget-steps must be >= 1"),
+        (getattr(cfg, "budget_epochs", 1) >= 1, "--budget-epochs must be >= 1"),
+        (0 <= getattr(cfg, "budget_min_steps", 0) <= getattr(cfg, "budget_steps", 1),
+         "--budget-min-steps must be in [0, --budget-steps]"),
+        (getattr(cfg, "train_size", None) is None or cfg.train_size >= 8,
+         "--train-size must be >= 8 pixels"),
         (getattr(cfg, "probe_epochs", 0) >= 0, "--probe-epochs must be >= 0"),
         (cfg.patience >= 0, "--patience must be >= 0"),
         (0 <= cfg.random_erasing <= 1, "--random-erasing must be in [0, 1]"),

@@ -209,10 +209,12 @@ def _encode_labels(ds, flag, split, classes=None):
 
 
 def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augment: str = "basic",
-                     random_erasing: float = 0.0) -> tuple[v2.Compose, v2.Compose]:
+                     random_erasing: float = 0.0, train_size: Optional[int] = None
+                     ) -> tuple[v2.Compose, v2.Compose]:
     """(train, eval) transforms from the model's preprocessing config. Training: the
     tutorial's RandomResizedCrop + horizontal flip, then optionally TrivialAugmentWide or
-    RandAugment, and RandomErasing (after normalising: erased pixels become the mean).
+    RandAugment, and RandomErasing (after normalising: erased pixels become the mean). The
+    training crops are `train_size` pixels (default: the model's input size).
 
     The decoded picture becomes a uint8 tensor first, so the resizes run on torchvision's
     vectorised uint8 kernels, not PIL's: about half the CPU time per image (eval on
@@ -225,7 +227,8 @@ def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augmen
               "randaugment": [v2.RandAugment(interpolation=interp)]}[augment]
     erase = [v2.RandomErasing(p=random_erasing)] if random_erasing > 0 else []
     train = v2.Compose([v2.ToImage(),
-                        v2.RandomResizedCrop(p["input_size"], scale=(train_crop_scale, 1.0),
+                        v2.RandomResizedCrop(train_size or p["input_size"],
+                                             scale=(train_crop_scale, 1.0),
                                              interpolation=interp, antialias=True),
                         v2.RandomHorizontalFlip(), *policy, *tail, *erase])
     evaluation = v2.Compose([v2.ToImage(),
@@ -234,9 +237,12 @@ def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augmen
     return train, evaluation
 
 
-def training_transforms(preprocessing: dict, cfg: TrainConfig) -> tuple[v2.Compose, v2.Compose]:
-    """build_transforms with the run's augmentation flags."""
-    return build_transforms(preprocessing, cfg.train_crop_scale, cfg.augment, cfg.random_erasing)
+def training_transforms(preprocessing: dict, cfg: TrainConfig, *, train_size: bool = True
+                        ) -> tuple[v2.Compose, v2.Compose]:
+    """build_transforms with the run's augmentation flags (and the fine-tune's --train-size
+    unless `train_size` is False: cached features are computed at the input size)."""
+    return build_transforms(preprocessing, cfg.train_crop_scale, cfg.augment, cfg.random_erasing,
+                            getattr(cfg, "train_size", None) if train_size else None)
 
 
 class BalancedSampler(torch.utils.data.Sampler):

@@ -207,7 +207,9 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
     has no entry for this exact model, data, transform and precision."""
     model, head_names = network.model, network.head_names
     preprocessing, channels_last = network.preprocessing, network.channels_last
-    train_tf, eval_tf = training_transforms(preprocessing, cfg)
+    # at the input size: a head trained on them is evaluated there (the fine-tune's
+    # --train-size is for its own training steps)
+    train_tf, eval_tf = training_transforms(preprocessing, cfg, train_size=False)
     views = max(cfg.feature_views, 1)
     train_side, eval_side = decode_sizes(preprocessing, cfg)
     train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views,

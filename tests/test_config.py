@@ -9,6 +9,7 @@ import yaml
 from common.config import ExtractorConfig, FinetuneConfig, parse_config, save_config
 from common.errors import UserError
 from common.optim import lr_factor
+from common.trainer import auto_epochs
 
 
 def test_yaml_config_then_flags_override(tmp_path):
@@ -33,6 +34,19 @@ def test_each_optimiser_gets_its_own_lr_and_weight_decay_unless_given(tmp_path):
     # the extractor trains a linear head only: SGD at its own rate, no decay
     ext = parse_config(ExtractorConfig, "", [])
     assert (ext.optimizer, ext.lr, ext.weight_decay) == ("sgd", 0.03, 0.0)
+
+
+def test_epochs_auto_grows_with_the_set_within_a_budget_of_steps():
+    cfg = FinetuneConfig()  # 8 epochs, within 50 to 150 optimiser steps
+    # steps per epoch at batch 32 -> epochs: hotdog (166 images), ants/bees (244), brain_mri
+    # (400), clothing (990), 5,000 images, 20 images
+    got = {spe: auto_epochs(cfg, spe) for spe in (6, 8, 13, 31, 157, 1)}
+    assert got == {6: 9, 8: 8, 13: 8, 31: 5, 157: 1, 1: 50}
+    # --budget-min-steps = --budget-steps: the fixed budget of steps of earlier versions
+    fixed = FinetuneConfig(budget_min_steps=150, budget_steps=150)
+    assert [auto_epochs(fixed, spe) for spe in (6, 13, 31)] == [25, 12, 5]
+    with pytest.raises(UserError, match="--budget-min-steps"):
+        parse_config(FinetuneConfig, "", ["--budget-min-steps", "200"])
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -3,10 +3,12 @@
 import os
 
 import datasets
+import PIL.Image
 import pytest
 
 from common.config import FinetuneConfig
-from common.data import build_dataloaders, load_hub_dataset, load_image_folder
+from common.data import (build_dataloaders, load_hub_dataset, load_image_folder,
+                         training_transforms)
 from common.errors import UserError
 from conftest import COLOURS, make_image_folder, write_image
 
@@ -111,6 +113,14 @@ def test_loaders_apply_the_models_preprocessing(tmp_path):
     means = batch["pixel_values"][0].mean(dim=(1, 2))
     assert means[0] > 0.5 and means[1] < -0.5
     assert next(iter(train_loader))["pixel_values"].shape == (4, 3, 64, 64)
+    # --train-size: smaller training crops; evaluation stays at the model's input size
+    cfg = FinetuneConfig(batch_size=4, num_workers=0, train_size=48)
+    train_loader, val_loader = build_dataloaders(train, val, pre, cfg, num_processes=1)
+    assert next(iter(train_loader))["pixel_values"].shape == (4, 3, 48, 48)
+    assert next(iter(val_loader))["pixel_values"].shape == (3, 3, 64, 64)
+    # ... but the cached features of the linear probe are computed at the input size
+    probe_tf, _ = training_transforms(pre, cfg, train_size=False)
+    assert probe_tf(PIL.Image.new("RGB", (90, 80))).shape == (3, 64, 64)
 
 
 def _int_label_dataset(tmp_path, train_labels, val_labels, val_split="validation"):
