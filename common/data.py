@@ -218,8 +218,9 @@ def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augmen
 
     The decoded picture becomes a uint8 tensor first, so the resizes run on torchvision's
     vectorised uint8 kernels, not PIL's: about half the CPU time per image (eval on
-    clothing's 400 x 533 JPEGs: 1.9 against 3.7 ms, benchmarks/README.md), within one
-    intensity level of PIL's result."""
+    clothing's 400 x 533 JPEGs: 1.6 against 3.3 ms, benchmarks/decode_cost.py), within one
+    intensity level of PIL's result (which moved clothing's seed-0 fine-tune by 7 of 495
+    val images, benchmarks/README.md, issue 33)."""
     p = preprocessing
     interp = v2.InterpolationMode(p["interpolation"])
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=p["mean"], std=p["std"])]

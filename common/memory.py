@@ -79,7 +79,7 @@ class HeapGuard:
     again, which halved the evaluation's speed (41 against 82 img/s on a 2-core CPU). So the
     pages go back only when the anonymous resident memory has grown more than `margin_mb`
     above its level after the pass's first batch (or the last hand-back's first batch): a
-    few times in hundreds of batches (benchmarks/README.md, memory). A no-op off the CPU;
+    few times in hundreds of batches (benchmarks/README.md, issue 33). A no-op off the CPU;
     without /proc it trims before every batch."""
 
     def __init__(self, device: torch.device, margin_mb: int = 128):
