@@ -238,12 +238,12 @@ def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augmen
     return train, evaluation
 
 
-def training_transforms(preprocessing: dict, cfg: TrainConfig, *, train_size: bool = True
+def training_transforms(preprocessing: dict, cfg: TrainConfig, *, for_features: bool = False
                         ) -> tuple[v2.Compose, v2.Compose]:
-    """build_transforms with the run's augmentation flags (and the fine-tune's --train-size
-    unless `train_size` is False: cached features are computed at the input size)."""
+    """build_transforms with the run's augmentation flags, and the fine-tune's --train-size
+    unless `for_features` (cached features are computed at the input size)."""
     return build_transforms(preprocessing, cfg.train_crop_scale, cfg.augment, cfg.random_erasing,
-                            getattr(cfg, "train_size", None) if train_size else None)
+                            None if for_features else getattr(cfg, "train_size", None))
 
 
 class BalancedSampler(torch.utils.data.Sampler):

@@ -209,7 +209,7 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
     preprocessing, channels_last = network.preprocessing, network.channels_last
     # at the input size: a head trained on them is evaluated there (the fine-tune's
     # --train-size is for its own training steps)
-    train_tf, eval_tf = training_transforms(preprocessing, cfg, train_size=False)
+    train_tf, eval_tf = training_transforms(preprocessing, cfg, for_features=True)
     views = max(cfg.feature_views, 1)
     train_side, eval_side = decode_sizes(preprocessing, cfg)
     train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views,

@@ -84,15 +84,15 @@ class HeapGuard:
 
     def __init__(self, device: torch.device, margin_mb: int = 128):
         self.device, self.margin = device, margin_mb << 20
-        self.level: Optional[int] = None
-        self.batches = 0  # since the pass began or the last hand-back
+        self.level: Optional[int] = None  # after the first batch since the start or a trim
+        self.started = False
         self.trims = 0
 
     def __call__(self) -> None:
         if self.device.type != "cpu":
             return
-        self.batches += 1
-        if self.batches == 1:  # before the first batch: its activations are not there yet
+        if not self.started:  # before the first batch: its activations are not there yet
+            self.started = True
             return
         now = _anon_resident_bytes()
         if now is None:
@@ -102,4 +102,4 @@ class HeapGuard:
             self.level = now
         elif now > self.level + self.margin:
             trim_host_memory(self.device)
-            self.level, self.batches, self.trims = None, 1, self.trims + 1
+            self.level, self.trims = None, self.trims + 1

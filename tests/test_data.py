@@ -119,8 +119,29 @@ def test_loaders_apply_the_models_preprocessing(tmp_path):
     assert next(iter(train_loader))["pixel_values"].shape == (4, 3, 48, 48)
     assert next(iter(val_loader))["pixel_values"].shape == (3, 3, 64, 64)
     # ... but the cached features of the linear probe are computed at the input size
-    probe_tf, _ = training_transforms(pre, cfg, train_size=False)
+    probe_tf, _ = training_transforms(pre, cfg, for_features=True)
     assert probe_tf(PIL.Image.new("RGB", (90, 80))).shape == (3, 64, 64)
+
+
+def test_seeded_transform_repeats_and_leaves_the_global_rng_as_it_was():
+    # each training sample's augmentation is a function of its own seed, whatever drew from
+    # the global RNG before it; and it draws nothing from the global stream itself
+    import torch
+    from common.images import seeded
+
+    def draw(_):
+        return torch.rand(3)
+
+    torch.manual_seed(5)
+    expected_next = torch.rand(2)
+    torch.manual_seed(5)
+    a = seeded(draw, None, 123)
+    torch.rand(7)  # anything in between
+    b = seeded(draw, None, 123)
+    assert torch.equal(a, b) and not torch.equal(a, seeded(draw, None, 124))
+    torch.manual_seed(5)
+    seeded(draw, None, 123)
+    assert torch.equal(torch.rand(2), expected_next)
 
 
 def _int_label_dataset(tmp_path, train_labels, val_labels, val_split="validation"):
