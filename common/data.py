@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional, TYPE_CHECKING
 
 import datasets
@@ -216,24 +217,23 @@ def build_transforms(preprocessing: dict, train_crop_scale: float = 0.08, augmen
     RandAugment, and RandomErasing (after normalising: erased pixels become the mean). The
     training crops are `train_size` pixels (default: the model's input size).
 
-    The decoded picture becomes a uint8 tensor first, so the resizes run on torchvision's
-    vectorised uint8 kernels, not PIL's: about half the CPU time per image (eval on
-    clothing's 400 x 533 JPEGs: 1.6 against 3.3 ms, benchmarks/decode_cost.py), within one
-    intensity level of PIL's result (which moved clothing's seed-0 fine-tune by 7 of 495
-    val images, benchmarks/README.md, issue 33)."""
+    The resizes run on the decoded PIL image, as in the tutorial and timm. Resizing a uint8
+    tensor instead (torchvision's vectorised kernels, about half the CPU time per image) is
+    within one intensity level of PIL's result, but fine-tuned clothing 5 and 7 of 495 val
+    images lower at two seeds (benchmarks/README.md, issue 33): the decode of a batch runs
+    on threads instead (ImageDataset.__getitems__)."""
     p = preprocessing
     interp = v2.InterpolationMode(p["interpolation"])
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=p["mean"], std=p["std"])]
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=p["mean"], std=p["std"])]
     policy = {"basic": [], "trivial": [v2.TrivialAugmentWide(interpolation=interp)],
               "randaugment": [v2.RandAugment(interpolation=interp)]}[augment]
     erase = [v2.RandomErasing(p=random_erasing)] if random_erasing > 0 else []
-    train = v2.Compose([v2.ToImage(),
-                        v2.RandomResizedCrop(train_size or p["input_size"],
+    train = v2.Compose([v2.RandomResizedCrop(train_size or p["input_size"],
                                              scale=(train_crop_scale, 1.0),
                                              interpolation=interp, antialias=True),
                         v2.RandomHorizontalFlip(), *policy, *tail, *erase])
-    evaluation = v2.Compose([v2.ToImage(),
-                             v2.Resize(p["resize"], interpolation=interp, antialias=True),
+    evaluation = v2.Compose([v2.Resize(p["resize"], interpolation=interp, antialias=True),
                              v2.CenterCrop(p["input_size"]), *tail])
     return train, evaluation
 
@@ -318,7 +318,28 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.split[i]
-        img = decode_image(row["image"], self.min_side)
+        return self._sample(decode_image(row["image"], self.min_side), row["label"], i)
+
+    def __getitems__(self, indices: list) -> list:
+        """A batch (the DataLoader asks for one when the dataset has this method): the rows in
+        one Arrow read, the images decoded on this process's idle compute threads (PIL
+        releases the GIL while it decodes and resizes). Without a seed the transform runs
+        there too; a seeded (augmenting) transform runs here in index order, as it draws
+        from torch's one global RNG. The same samples as __getitem__, to the bit."""
+        rows = self.split[indices]
+        pool = _decode_pool()
+        if pool is None:
+            return [self._sample(decode_image(img, self.min_side), y, i)
+                    for img, y, i in zip(rows["image"], rows["label"], indices)]
+        if self.seed is None:
+            xs = pool.map(lambda img: self.transform(decode_image(img, self.min_side)),
+                          rows["image"])
+            return [{"pixel_values": x, "labels": y, "index": i}
+                    for x, y, i in zip(xs, rows["label"], indices)]
+        images = pool.map(lambda img: decode_image(img, self.min_side), rows["image"])
+        return [self._sample(img, y, i) for img, y, i in zip(images, rows["label"], indices)]
+
+    def _sample(self, img, label, i):
         if self.seed is None:
             x = self.transform(img)
         else:
@@ -327,7 +348,24 @@ class ImageDataset(torch.utils.data.Dataset):
             view = self.epoch.value % self.views if self.views else self.epoch.value
             x = seeded(self.transform, img, int(np.random.SeedSequence(
                 [self.seed, view, i]).generate_state(1)[0]))
-        return {"pixel_values": x, "labels": row["label"], "index": i}
+        return {"pixel_values": x, "labels": label, "index": i}
+
+
+_POOLS: dict = {}
+
+
+def _decode_pool() -> Optional[ThreadPoolExecutor]:
+    """Threads to decode a batch on in this process, or None: in a loader worker (the workers
+    are the parallelism there) or with one compute thread. As many as torch's compute
+    threads, which wait while the batch is read; one pool per process (a forked child gets
+    its own: threads do not survive fork)."""
+    threads = torch.get_num_threads()
+    if threads < 2 or torch.utils.data.get_worker_info() is not None:
+        return None
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    return _POOLS[key]
 
 
 def set_epoch(loader: Iterable, epoch: int) -> None:

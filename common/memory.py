@@ -78,21 +78,23 @@ class HeapGuard:
     back before every batch bounds that, but every batch then faults its activations in
     again, which halved the evaluation's speed (41 against 82 img/s on a 2-core CPU). So the
     pages go back only when the anonymous resident memory has grown more than `margin_mb`
-    above its level after the pass's first batch (or the last hand-back's first batch): a
-    few times in hundreds of batches (benchmarks/README.md, issue 33). A no-op off the CPU;
-    without /proc it trims before every batch."""
+    above its level after the pass's first two batches (or the two batches after the last
+    hand-back: the second batch still settles the heap's layout, faulting in 40-80 MB of
+    new pages in a steady loop of 200 MB a batch): a few times in hundreds of batches
+    (benchmarks/README.md, issue 33). A no-op off the CPU; without /proc it trims before
+    every batch from the third."""
 
     def __init__(self, device: torch.device, margin_mb: int = 128):
         self.device, self.margin = device, margin_mb << 20
-        self.level: Optional[int] = None  # after the first batch since the start or a trim
-        self.started = False
+        self.level: Optional[int] = None  # after two batches since the start or a trim
+        self.calls = 0  # since the start, or since (and with) the call that trimmed
         self.trims = 0
 
     def __call__(self) -> None:
         if self.device.type != "cpu":
             return
-        if not self.started:  # before the first batch: its activations are not there yet
-            self.started = True
+        self.calls += 1
+        if self.calls <= 2:  # before the first two batches: the heap is still settling
             return
         now = _anon_resident_bytes()
         if now is None:
@@ -102,4 +104,4 @@ class HeapGuard:
             self.level = now
         elif now > self.level + self.margin:
             trim_host_memory(self.device)
-            self.level, self.trims = None, self.trims + 1
+            self.level, self.calls, self.trims = None, 1, self.trims + 1

@@ -144,6 +144,39 @@ def test_seeded_transform_repeats_and_leaves_the_global_rng_as_it_was():
     assert torch.equal(torch.rand(2), expected_next)
 
 
+def test_a_batch_decoded_on_threads_is_the_samples_one_by_one(tmp_path):
+    # ImageDataset.__getitems__ (what the DataLoader calls) decodes on threads: the same
+    # tensors as __getitem__, in order, with and without a seeded augmentation, and in a
+    # loader worker (no threads there)
+    import threading
+
+    import torch
+    from common.data import ImageDataset, build_transforms
+
+    root = make_image_folder(tmp_path / "d", counts={"train": 4, "val": 3})
+    train, _, _ = load_image_folder(root, 0.2, 0)
+    pre = dict(input_size=32, resize=36, mean=[0.5] * 3, std=[0.25] * 3,
+               interpolation="bilinear")
+    train_tf, eval_tf = build_transforms(pre)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for ds in (ImageDataset(train, eval_tf), ImageDataset(train, train_tf, seed=3)):
+            indices = [7, 0, 11, 3, 5]
+            one_by_one = [ds[i] for i in indices]
+            batch = ds.__getitems__(indices)
+            assert [b["index"] for b in batch] == indices
+            assert [b["labels"] for b in batch] == [s["labels"] for s in one_by_one]
+            assert all(torch.equal(b["pixel_values"], s["pixel_values"])
+                       for b, s in zip(batch, one_by_one))
+            assert any(t.name.startswith("decode") for t in threading.enumerate())
+            loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1)
+            worker = next(iter(loader))["pixel_values"]
+            assert torch.equal(worker, torch.stack([ds[i]["pixel_values"] for i in range(5)]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _int_label_dataset(tmp_path, train_labels, val_labels, val_split="validation"):
     """A parquet dataset with plain int labels; each image's colour encodes its label, so
     we can check which label an example carries after loading."""
