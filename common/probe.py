@@ -46,6 +46,8 @@ class Probe:
     figures: dict                        # for results.json (probe_* and the feature cache's)
     fresh_heads: Optional[dict] = None   # --finetune-from random: the heads as built, which
     #                                      every layer then trains from after epoch 0
+    val_metrics: Optional[dict] = None   # the probed model's val metrics, where those on the
+    #                                      cached features are its metrics on the val images
 
 
 def _order(cfg, labels, epoch):
@@ -101,7 +103,7 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
         m = evaluate(heads, val_loader, metrics, class_names)
         if best is None or score(m, cfg.select_metric) > best[0]:
             best = (score(m, cfg.select_metric), epoch + 1, m["accuracy"],
-                    {k: v.detach().clone() for k, v in heads.state_dict().items()})
+                    {k: v.detach().clone() for k, v in heads.state_dict().items()}, m)
     if best is not None:
         heads.load_state_dict(best[3])
     heads.train().to("cpu")
@@ -112,6 +114,12 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
                 + ("; every layer fine-tunes from it" if cfg.finetune_from == "probe"
                    else "; every layer fine-tunes from a fresh head (--finetune-from "
                         "random)"))
+    # Epoch 0 is the probed model. Its val features are what its backbone computes on the
+    # val images through the evaluation's transform; in fp32 (no --mixed_precision, fp32
+    # features) and without --tta, the heads applied to them are its evaluation, so the
+    # fine-tune takes these metrics instead of running the backbone over val again
+    reuse = (info["extract_precision"] == "fp32" and accelerator.mixed_precision == "no"
+             and not getattr(cfg, "tta", False))
     return Probe(figures=dict(info, probe_seconds=round(seconds, 2), probe_best_epoch=best[1],
                               probe_val_accuracy=best[2]),
-                 fresh_heads=fresh)
+                 fresh_heads=fresh, val_metrics=best[4] if reuse else None)

@@ -160,9 +160,10 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                         accelerator=accelerator, tta=cfg.tta,
                         channels_last=network.channels_last, progress=progress_bars())
 
-    def evaluate_and_keep(row, t0):
-        """Val metrics of the model (and its EMA), the metrics row, the best so far."""
-        val_m = evaluate_on_val(model)
+    def evaluate_and_keep(row, t0, val_m=None):
+        """Val metrics of the model (and its EMA), the metrics row, the best so far.
+        `val_m`: the model's metrics where they are known (the probe's, at epoch 0)."""
+        val_m = val_m or evaluate_on_val(model)
         logger.info(_epoch_line("val", val_m))
         candidates = [("model", val_m, model)]
         if ema is not None and row["epoch"] > 0:
@@ -205,7 +206,8 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
         if probe is not None and cfg.epochs and state.best is None and state.epoch == 0 \
                 and state.batches_done == 0:
             logger.info(f"Epoch 0/{cfg.epochs}: the linear probe's head on the frozen backbone")
-            val_m = evaluate_and_keep({"epoch": 0, "stage": "probe"}, time.time())  # kept
+            val_m = evaluate_and_keep({"epoch": 0, "stage": "probe"}, time.time(),  # kept
+                                      probe.val_metrics)
             if probe.fresh_heads is not None:  # unless beaten; --finetune-from random
                 ema = _restart_heads(network, probe, ema, cfg)
         while state.epoch < max(cfg.epochs, 1):

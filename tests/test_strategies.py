@@ -245,9 +245,8 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
                                                                tmp_path, offline_env):
     """The probe is the extractor's default recipe on the same cached features: the fine-tune's
     epoch 0 is the extractor's best model, so the fine-tune can only keep or improve on it."""
-    # fp32 features: epoch 0 is evaluated by the fp32 forward of the whole model, which equals
-    # the extractor's cached-feature evaluation exactly only when those are fp32 too (auto
-    # picks bf16 on CPUs with native bf16)
+    # fp32 features: epoch 0 then takes the probe's own metrics on them (in bf16, which auto
+    # picks on CPUs with native bf16, it evaluates the whole model on the val images again)
     common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
               "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
               "--feature-cache-dir", tmp_path / "cache", "--checkpointing-steps", "no",
@@ -268,6 +267,47 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
     assert epochs[0]["val_loss"] == pytest.approx(extractor["best_val_loss"], rel=1e-4)
     assert finetune["probe_best_epoch"] == extractor["best_epoch"]
     # (finetune >= extractor follows from the line above: epoch 0 is a candidate for best)
+
+
+def test_epoch_0_takes_the_probes_metrics_which_are_the_models_on_the_images(
+        image_folder, tiny_weights, tmp_path, offline_env):
+    """In fp32, epoch 0's metrics come from the probe's evaluation on the cached val features
+    (no second pass of the backbone over val): the same figures as evaluating the probed
+    model on the val images."""
+    from accelerate import Accelerator
+
+    from common.config import parse_config
+    from common.data import build_dataloaders, load_data
+    from common.engine import evaluate
+    from common.metrics import load_metrics
+    from common.models import build_model
+    from common.probe import linear_probe
+
+    common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
+              "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
+              "--extract-precision", "fp32", "--checkpointing-steps", "no",
+              "--feature-cache-dir", tmp_path / "cache"]
+    proc = launch("train_finetune.py", [*common, "--epochs", "1", "--output-dir",
+                                        tmp_path / "f"], offline_env)
+    assert proc.stdout.count("val Loss") == 2  # one pass over the val images: epoch 1's
+    epoch_0 = rows(tmp_path / "f")[0]
+    # the same probe again (the same cached features), then its model on the val images
+    cfg = parse_config(FinetuneConfig, "", [*map(str, common), "--output-dir",
+                                            str(tmp_path / "g")])
+    accelerator = Accelerator(cpu=True)
+    train, val, names = load_data(cfg, accelerator)
+    network = build_model(cfg.model, len(names), cfg.pretrained, cfg.weights)
+    probe = linear_probe(accelerator, cfg, network, train, val, workers=0,
+                         class_weights=None, class_names=names)
+    _, val_loader = build_dataloaders(train, val, network.preprocessing, cfg, 1)
+    model, val_loader = accelerator.prepare(network.model, val_loader)
+    on_images = evaluate(model, val_loader, load_metrics(accelerator), names,
+                         accelerator=accelerator, progress=False)
+    assert probe.val_metrics["accuracy"] == epoch_0["val_accuracy"] == on_images["accuracy"]
+    assert torch.equal(probe.val_metrics["predictions"]["pred"],
+                       on_images["predictions"]["pred"])
+    assert epoch_0["val_loss"] == pytest.approx(on_images["loss"], rel=1e-4)
+    assert epoch_0["val_per_class"] == on_images["per_class"]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
