@@ -318,7 +318,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.split[i]
-        return self._sample(decode_image(row["image"], self.min_side), row["label"], i)
+        img = decode_image(row["image"], self.min_side)
+        x = self.transform(img) if self.seed is None else self._augment(img, i)
+        return {"pixel_values": x, "labels": row["label"], "index": i}
 
     def __getitems__(self, indices: list) -> list:
         """A batch (the DataLoader asks for one when the dataset has this method): the rows in
@@ -328,27 +330,25 @@ class ImageDataset(torch.utils.data.Dataset):
         from torch's one global RNG. The same samples as __getitem__, to the bit."""
         rows = self.split[indices]
         pool = _decode_pool()
-        if pool is None:
-            return [self._sample(decode_image(img, self.min_side), y, i)
-                    for img, y, i in zip(rows["image"], rows["label"], indices)]
-        if self.seed is None:
-            xs = pool.map(lambda img: self.transform(decode_image(img, self.min_side)),
-                          rows["image"])
-            return [{"pixel_values": x, "labels": y, "index": i}
-                    for x, y, i in zip(xs, rows["label"], indices)]
-        images = pool.map(lambda img: decode_image(img, self.min_side), rows["image"])
-        return [self._sample(img, y, i) for img, y, i in zip(images, rows["label"], indices)]
+        run = pool.map if pool is not None else map
 
-    def _sample(self, img, label, i):
+        def decode(img):
+            return decode_image(img, self.min_side)
+
         if self.seed is None:
-            x = self.transform(img)
+            xs = run(lambda img: self.transform(decode(img)), rows["image"])
         else:
-            # --feature-views K: K augmentations per image, epoch e uses view e mod K (what
-            # the extractor's cached features hold)
-            view = self.epoch.value % self.views if self.views else self.epoch.value
-            x = seeded(self.transform, img, int(np.random.SeedSequence(
-                [self.seed, view, i]).generate_state(1)[0]))
-        return {"pixel_values": x, "labels": label, "index": i}
+            xs = (self._augment(img, i) for img, i in zip(run(decode, rows["image"]), indices))
+        return [{"pixel_values": x, "labels": y, "index": i}
+                for x, y, i in zip(xs, rows["label"], indices)]
+
+    def _augment(self, img, i):
+        """The seeded transform of sample i in this epoch's view."""
+        # --feature-views K: K augmentations per image, epoch e uses view e mod K (what the
+        # extractor's cached features hold)
+        view = self.epoch.value % self.views if self.views else self.epoch.value
+        return seeded(self.transform, img, int(np.random.SeedSequence(
+            [self.seed, view, i]).generate_state(1)[0]))
 
 
 _POOLS: dict = {}

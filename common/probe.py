@@ -102,15 +102,15 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
         # keep the best epoch's head, chosen as the extractor chooses (--select-metric on val)
         m = evaluate(heads, val_loader, metrics, class_names)
         if best is None or score(m, cfg.select_metric) > best[0]:
-            best = (score(m, cfg.select_metric), epoch + 1, m["accuracy"],
+            best = (score(m, cfg.select_metric), epoch + 1,
                     {k: v.detach().clone() for k, v in heads.state_dict().items()}, m)
     if best is not None:
-        heads.load_state_dict(best[3])
+        heads.load_state_dict(best[2])
     heads.train().to("cpu")
     seconds = time.time() - t0
     logger.info(f"linear probe: {cfg.probe_epochs} epochs on cached features in "
                 f"{seconds:.1f} s with the extraction; the head of epoch {best[1]} (val "
-                f"accuracy {best[2]:.4f} on features) is epoch 0's model"
+                f"accuracy {best[3]['accuracy']:.4f} on features) is epoch 0's model"
                 + ("; every layer fine-tunes from it" if cfg.finetune_from == "probe"
                    else "; every layer fine-tunes from a fresh head (--finetune-from "
                         "random)"))
@@ -119,7 +119,7 @@ def linear_probe(accelerator: Accelerator, cfg: TrainConfig, network: Network,
     # features) and without --tta, the heads applied to them are its evaluation, so the
     # fine-tune takes these metrics instead of running the backbone over val again
     reuse = (info["extract_precision"] == "fp32" and accelerator.mixed_precision == "no"
-             and not getattr(cfg, "tta", False))
+             and not cfg.tta)
     return Probe(figures=dict(info, probe_seconds=round(seconds, 2), probe_best_epoch=best[1],
-                              probe_val_accuracy=best[2]),
-                 fresh_heads=fresh, val_metrics=best[4] if reuse else None)
+                              probe_val_accuracy=best[3]["accuracy"]),
+                 fresh_heads=fresh, val_metrics=best[3] if reuse else None)
