@@ -78,7 +78,8 @@ def run(cfg: ExtractorConfig, *, started: float) -> dict:
     else:
         train_loader, val_loader = build_dataloaders(train_ds, val_ds, network.preprocessing,
                                                      cfg, accelerator.num_processes,
-                                                     views=cfg.feature_views)
+                                                     views=cfg.feature_views,
+                                                     channels_last=network.channels_last)
         data = Data(class_names, train_loader, val_loader, train_images=train_loader.dataset,
                     val_images=val_loader.dataset, class_weights=weights)
         optimizer = build_optimizer(cfg, nn.ModuleList(

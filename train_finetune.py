@@ -83,7 +83,8 @@ def run(cfg: FinetuneConfig, *, started: float) -> dict:
         probe = linear_probe(accelerator, cfg, network, train_ds, val_ds, workers=workers,
                              class_weights=weights, class_names=class_names)
     train_loader, val_loader = build_dataloaders(train_ds, val_ds, network.preprocessing, cfg,
-                                                 accelerator.num_processes)
+                                                 accelerator.num_processes,
+                                                 channels_last=network.channels_last)
     data = Data(class_names, train_loader, val_loader, train_images=train_loader.dataset,
                 val_images=val_loader.dataset, class_weights=weights)
     # every layer is in the optimiser from the start, even while --freeze-epochs holds the

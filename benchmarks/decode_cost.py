@@ -1,7 +1,8 @@
 """CPU time per image of the data path: decode, then the eval and training transforms, with
 the resizes on PIL images (as shipped) or on uint8 tensors (tried on 2026-12-07 and taken
 back: benchmarks/README.md, issue 33), and a batch of the eval path one image at a time
-against ImageDataset.__getitems__ (decode and transform on threads, as the loaders do).
+against ImageDataset.__getitems__ + its collate (decode and transform on threads, as the
+loaders do).
 
     python benchmarks/decode_cost.py [--images 150] [--sets clothing,hotdog]
 
@@ -10,8 +11,9 @@ disk is not timed): `common.images.decode_image` at the evaluation's draft size,
 transform on the decoded pictures, in this process with torch's default threads (as the
 scripts' loaders run with 0 workers on CPU). The training transform is timed unseeded (the
 per-sample seeding is the same in both orders). Then decode + eval transform per image:
-`ImageDataset[i]` one by one ("item") against batches of 32 through `__getitems__`
-("batch"). Prints milliseconds per image.
+`ImageDataset[i]` one by one ("item") against batches of 32 through `__getitems__` and
+the loaders' collate (channels-last, converted and normalised per batch: "batch"). Prints
+milliseconds per image.
 """
 
 import argparse
@@ -80,7 +82,9 @@ def main():
         ds = ImageDataset(split, pil_eval, min_side=PRE["resize"])
         times.append(per_image_ms(ds.__getitem__, range(len(ds))))
         batches = [list(range(i, min(i + 32, len(ds)))) for i in range(0, len(ds), 32)]
-        times.append(per_image_ms(ds.__getitems__, batches) * len(batches) / len(ds))
+        collate = ds.collate(channels_last=True)  # as the loaders batch them
+        times.append(per_image_ms(lambda b: collate(ds.__getitems__(b)), batches)
+                     * len(batches) / len(ds))
         print(f"{name:18s} {decode:7.2f} " + " ".join(
             f"{t:{w}.2f}" for t, w in zip(times, (9, 8, 10, 9, 6, 6))))
 

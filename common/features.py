@@ -175,7 +175,8 @@ def _extract(accelerator, model, head_names, dataset, views, cfg, workers, chann
     for v in range(views):
         dataset.epoch.value = v  # view v = the augmentation of epoch v
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                             num_workers=workers, shuffle=False)
+                                             num_workers=workers, shuffle=False,
+                                             collate_fn=dataset.collate(channels_last))
         loader = prepare_data_loader(loader, device, num_processes=accelerator.num_processes,
                                      process_index=accelerator.process_index,
                                      put_on_device=True)

@@ -145,9 +145,11 @@ def test_seeded_transform_repeats_and_leaves_the_global_rng_as_it_was():
 
 
 def test_a_batch_decoded_on_threads_is_the_samples_one_by_one(tmp_path):
-    # ImageDataset.__getitems__ (what the DataLoader calls) decodes on threads: the same
-    # tensors as __getitem__, in order, with and without a seeded augmentation, and in a
-    # loader worker (no threads there)
+    # ImageDataset.__getitems__ (what the DataLoader calls) decodes on threads and leaves the
+    # pixels uint8; its collate converts and normalises the whole batch, channels-last or
+    # not: the same numbers as __getitem__'s samples stacked, in order, with and without a
+    # seeded augmentation, with --random-erasing (which runs after normalising, per image),
+    # and in a loader worker (no threads there)
     import threading
 
     import torch
@@ -155,22 +157,36 @@ def test_a_batch_decoded_on_threads_is_the_samples_one_by_one(tmp_path):
 
     root = make_image_folder(tmp_path / "d", counts={"train": 4, "val": 3})
     train, _, _ = load_image_folder(root, 0.2, 0)
-    pre = dict(input_size=32, resize=36, mean=[0.5] * 3, std=[0.25] * 3,
-               interpolation="bilinear")
+    pre = dict(input_size=32, resize=36, mean=[0.485, 0.456, 0.406],
+               std=[0.229, 0.224, 0.225], interpolation="bilinear")
     train_tf, eval_tf = build_transforms(pre)
+    erase_tf, _ = build_transforms(pre, random_erasing=1.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for ds in (ImageDataset(train, eval_tf), ImageDataset(train, train_tf, seed=3)):
+        for ds in (ImageDataset(train, eval_tf), ImageDataset(train, train_tf, seed=3),
+                   ImageDataset(train, erase_tf, seed=3)):
             indices = [7, 0, 11, 3, 5]
             one_by_one = [ds[i] for i in indices]
-            batch = ds.__getitems__(indices)
-            assert [b["index"] for b in batch] == indices
-            assert [b["labels"] for b in batch] == [s["labels"] for s in one_by_one]
-            assert all(torch.equal(b["pixel_values"], s["pixel_values"])
-                       for b, s in zip(batch, one_by_one))
+            stacked = torch.stack([s["pixel_values"] for s in one_by_one])
+            samples = ds.__getitems__(indices)
+            # uint8 until collated, unless the transform erases after normalising; the
+            # default augmentation's resizes on the threads (its draws here), not erasing's
+            assert samples[0]["pixel_values"].dtype == (
+                torch.float32 if ds.transform is erase_tf else torch.uint8)
+            assert (ds.draws is not None) == (ds.transform is train_tf)
             assert any(t.name.startswith("decode") for t in threading.enumerate())
-            loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1)
+            for channels_last in (False, True):
+                batch = ds.collate(channels_last)(samples)
+                assert batch["index"].tolist() == indices
+                assert batch["labels"].tolist() == [s["labels"] for s in one_by_one]
+                assert batch["pixel_values"].dtype == torch.float32
+                assert torch.equal(batch["pixel_values"], stacked)
+                assert batch["pixel_values"].is_contiguous(
+                    memory_format=torch.channels_last if channels_last
+                    else torch.contiguous_format)
+            loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1,
+                                                 collate_fn=ds.collate(True))
             worker = next(iter(loader))["pixel_values"]
             assert torch.equal(worker, torch.stack([ds[i]["pixel_values"] for i in range(5)]))
     finally:
