@@ -1,5 +1,5 @@
 """Compare two folders of benchmarks/same_numbers.sh: every metrics.jsonl row and every
-results.json value, timings and the feature cache's path left out. Exit 1 on a difference.
+results.json value, timings and paths (feature cache, run folder) left out. Exit 1 on a difference.
 
     python benchmarks/same_numbers.py /tmp/before /tmp/after
 """
@@ -14,7 +14,7 @@ TIMINGS = ("seconds", "img_s", "rss", "wall", "time", "images_per_s", "per_secon
 def _comparable(d):
     if isinstance(d, dict):
         return {k: _comparable(v) for k, v in d.items()
-                if not any(t in k for t in TIMINGS) and k != "feature_cache"}
+                if not any(t in k for t in TIMINGS) and k not in ("feature_cache", "output_dir")}
     if isinstance(d, list):
         return [_comparable(v) for v in d]
     return d
