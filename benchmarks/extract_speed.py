@@ -1,10 +1,12 @@
 """Extraction against the bare backbone: is `train_extractor.py` at the backbone's speed?
 
-    python benchmarks/extract_speed.py [--data ../shared/data/clothing] [--batches 20]
+    python benchmarks/extract_speed.py [--data ../shared/data/clothing] [--batches 20] [--rounds 3]
 
-In one run, on whatever device is here: (1) the bare backbone's forward up to the features
-(`forward_features` + pooling, no head, no data: random batches of 32 at 224 px,
-channels-last, glibc's heap kept as the scripts keep it on CPU) in fp32, and under bf16 autocast where `--extract-precision auto` picks bf16;
+On whatever device is here, --rounds times in turn (a shared CPU's speed wanders by 20-30%
+within minutes, so each round's ratio is taken between neighbours, and the median printed):
+(1) the bare backbone's forward up to the features (`forward_features` + pooling, no head,
+no data: random batches of 32 at 224 px, channels-last, glibc's heap kept as the scripts
+keep it on CPU) in fp32, and under bf16 autocast where `--extract-precision auto` picks bf16;
 (2) `train_extractor.py --epochs 0` on the image folder with its defaults and a cold feature
 cache (decode from disk, resize, forward, write the cache), its `extract_images_per_second`
 from results.json. Prints both and the ratio of (2) to the best native precision of (1).
@@ -13,6 +15,7 @@ from results.json. Prints both and the ratio of (2) to the best native precision
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,36 +55,47 @@ def bare_forward(device, dtype, batches, batch_size=32):
     return batches * batch_size / (time.perf_counter() - t)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.path.join(SHARED, "data", "clothing"))
-    parser.add_argument("--batches", type=int, default=20)
-    args = parser.parse_args()
-    print(f"machine: {describe()}", flush=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bare = {"fp32": bare_forward(device, "fp32", args.batches)}
-    # the extractor's own rule for --extract-precision auto: bf16 where the device has it
-    if extract_precision(ExtractorConfig(), device) == "bf16":
-        bare["bf16"] = bare_forward(device, "bf16", args.batches)
-    for k, v in bare.items():
-        print(f"bare backbone forward, {k}: {v:.1f} img/s", flush=True)
+def extraction(device, data):
+    """train_extractor.py --epochs 0 with a cold cache: (its extract_images_per_second, its
+    extract_precision)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
                "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml")
                if device.type == "cpu" else os.path.join(REPO, "accelerate_configs",
                                                          "single_gpu.yaml"),
-               os.path.join(REPO, "train_extractor.py"), "--data-dir", args.data,
+               os.path.join(REPO, "train_extractor.py"), "--data-dir", data,
                "--epochs", "0", "--output-dir", os.path.join(tmp, "run"),
                "--feature-cache-dir", os.path.join(tmp, "cache"), "--report-to", "none"]
         subprocess.run(cmd, check=True, capture_output=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
         res = json.load(open(os.path.join(tmp, "run", "results.json")))
-    rate = res["extract_images_per_second"]
-    best = max(bare, key=bare.get)
-    print(f"train_extractor.py extraction ({res['extract_precision']}, decode included): "
-          f"{rate:.1f} img/s")
-    print(f"ratio extraction / bare {best}: {rate / bare[best]:.2f}")
+    return res["extract_images_per_second"], res["extract_precision"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.path.join(SHARED, "data", "clothing"))
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the extractor's own rule for --extract-precision auto: bf16 where the device has it
+    precisions = ["fp32"] + (["bf16"] if extract_precision(ExtractorConfig(), device) == "bf16"
+                             else [])
+    ratios = []
+    for r in range(args.rounds):
+        bare = {k: bare_forward(device, k, args.batches) for k in precisions}
+        rate, precision = extraction(device, args.data)
+        best = max(bare, key=bare.get)
+        ratios.append(rate / bare[best])
+        print(f"round {r + 1}: bare backbone forward "
+              + ", ".join(f"{k} {v:.1f}" for k, v in bare.items())
+              + f" img/s; train_extractor.py extraction ({precision}, decode included) "
+              f"{rate:.1f} img/s; ratio to the bare {best}: {ratios[-1]:.2f}", flush=True)
+    print(f"median ratio extraction / bare forward: {statistics.median(ratios):.2f} "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":

@@ -297,7 +297,10 @@ def train_order(cfg: TrainConfig, labels: torch.Tensor) -> dict:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """A split for the DataLoader: decode -> RGB -> transform, as {"pixel_values", "labels"}.
+    """A split for the DataLoader: decode -> RGB -> transform, as {"pixel_values", "labels",
+    "index"}. `dataset[i]` is one transformed sample; a DataLoader over it takes
+    `collate_fn=dataset.collate(channels_last)`, as its batches' pixels stay uint8 until
+    collated (see __getitems__).
 
     With `seed` set (training), sample i of epoch e is augmented under its own RNG seed
     (seed, e, i), in a forked RNG so the global RNG is untouched (with `views` K: (seed,
@@ -420,8 +423,8 @@ class _RandomDraws:
 class ImageCollate:
     """Stacks ImageDataset samples into a batch in the model's memory layout, and converts
     and normalises uint8 pixels there, as one tensor: torchvision's ToDtype and Normalize
-    (x / 255, then (x - mean) / std, in float32) element by element, so the same numbers as
-    image by image, for about half the CPU time (the stack moves uint8 instead of float32,
+    (x * (1 / 255), then (x - mean) / std, in float32) element by element, so the same
+    numbers as image by image, for about half the CPU time (the stack moves uint8 instead of float32,
     and the arithmetic runs on every compute thread). Channels-last: each image's HWC pixels
     are copied as they lie (ToImage's CHW tensor is a view of them), so the batch needs no
     second, transposing copy before the model."""
