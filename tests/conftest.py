@@ -28,6 +28,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 CONFIGS = os.path.join(REPO, "accelerate_configs")
 
 
+@pytest.fixture(autouse=True)
+def console_logging():
+    """Each test starts with the scripts' console logging (INFO lines on stdout), whatever an
+    earlier test in this worker left: a test that reads what a run says then passes alone
+    and in any order, not only after a test that happened to set logging up."""
+    from common.log import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def shared_dir():
     """../shared (or $TL_SHARED_DIR): the real ants/bees data and the lite0 weights."""
