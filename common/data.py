@@ -424,10 +424,10 @@ class ImageCollate:
     """Stacks ImageDataset samples into a batch in the model's memory layout, and converts
     and normalises uint8 pixels there, as one tensor: torchvision's ToDtype and Normalize
     (x * (1 / 255), then (x - mean) / std, in float32) element by element, so the same
-    numbers as image by image, for about half the CPU time (the stack moves uint8 instead of float32,
-    and the arithmetic runs on every compute thread). Channels-last: each image's HWC pixels
-    are copied as they lie (ToImage's CHW tensor is a view of them), so the batch needs no
-    second, transposing copy before the model."""
+    numbers as image by image, for about half the CPU time (the stack moves uint8 instead of
+    float32, and the arithmetic runs on every compute thread). Channels-last: each image's
+    HWC pixels are copied as they lie (ToImage's CHW tensor is a view of them), so the batch
+    needs no second, transposing copy before the model."""
 
     def __init__(self, normalise: Optional[tuple], channels_last: bool):
         self.normalise, self.channels_last = normalise, channels_last
