@@ -63,6 +63,9 @@ class TrainConfig:
     num_workers: int = opt(-1, "DataLoader worker processes per training process "
                            "(-1: the cores left after the training processes' torch threads, at most 8; "
                            "0 when training on a CPU that torch already fills)")
+    val_cache_mb: int = opt(-1, "memory per training process for the val images' decoded, "
+                            "resized pixels, kept between epochs so that each image is read "
+                            "once (-1: 1/16 of the RAM, at most 1024; 0: off)")
     # model
     model: str = opt("tf_efficientnet_lite0", "backbone, named as in timm or torchvision: "
                      "a name torchvision has is its model (resnet18, the tutorial's), any "
@@ -351,6 +354,7 @@ def _validate(parser, cfg):
         (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
         (0 < cfg.train_crop_scale <= 1, "--train-crop-scale must be in (0, 1]"),
         (cfg.num_workers >= -1, "--num-workers must be >= 0 (or -1 for automatic)"),
+        (cfg.val_cache_mb >= -1, "--val-cache-mb must be >= 0 (or -1 for automatic)"),
         (getattr(cfg, "feature_views", 0) >= 0, "--feature-views must be >= 0"),
         (not (cfg.data_dir and cfg.dataset), "give --data-dir or --dataset, not both"),
         (not cfg.streaming or cfg.dataset, "--streaming reads a --dataset (Hub or parquet)"),

@@ -6,7 +6,7 @@ import datasets
 import PIL.Image
 import pytest
 
-from common.config import FinetuneConfig
+from common.config import FinetuneConfig, parse_config
 from common.data import (build_dataloaders, load_hub_dataset, load_image_folder,
                          training_transforms)
 from common.errors import UserError
@@ -237,3 +237,51 @@ def test_a_test_split_standing_in_for_validation_is_said_in_one_line(tmp_path, c
     assert len(val) == 2
     lines = [line for line in capsys.readouterr().out.splitlines() if "'test'" in line]
     assert len(lines) == 1 and "no 'validation' split" in lines[0]
+
+
+def test_val_images_are_read_once_then_served_from_memory(tmp_path):
+    # the val loader keeps each image's uint8 pixels from the first epoch (--val-cache-mb):
+    # later epochs give the same batches, to the bit, without reading a file (the val folder
+    # is moved away to prove it), in the process or in persistent loader workers; past the
+    # budget the other images are read every time; --val-cache-mb 0 reads them all each time
+    import shutil
+
+    import torch
+    from common.data import ImageDataset, build_transforms
+
+    root = make_image_folder(tmp_path / "d", counts={"train": 2, "val": 3})
+    train, val, _ = load_image_folder(root, 0.2, 0)
+    pre = dict(input_size=32, resize=36, mean=[0.5] * 3, std=[0.25] * 3,
+               interpolation="bilinear")
+    val_dir, away = os.path.join(root, "val"), str(tmp_path / "away")
+    _, uncached = build_dataloaders(train, val, pre, FinetuneConfig(batch_size=4, num_workers=0,
+                                                                    val_cache_mb=0), 1)
+    assert uncached.dataset.cache is None
+    expected = [b["pixel_values"] for b in uncached]
+    for workers in (0, 2):
+        cfg = FinetuneConfig(batch_size=4, num_workers=workers)
+        _, loader = build_dataloaders(train, val, pre, cfg, num_processes=1)
+        assert all(torch.equal(b["pixel_values"], e) for b, e in zip(loader, expected))
+        shutil.move(val_dir, away)
+        try:
+            again = [b["pixel_values"] for b in loader]
+            with pytest.raises(FileNotFoundError):
+                list(uncached)
+        finally:
+            shutil.move(away, val_dir)
+        assert len(again) == len(expected)
+        assert all(torch.equal(a, e) for a, e in zip(again, expected))
+    # a budget of two images' pixels: two kept, the others read each time
+    _, eval_tf = build_transforms(pre)
+    ds = ImageDataset(val, eval_tf, cache_bytes=2 * 3 * 32 * 32)
+    ds.__getitems__(list(range(len(val))))
+    assert sorted(ds.cache.samples) == [0, 1]
+    shutil.move(val_dir, away)
+    try:
+        assert [s["index"] for s in ds.__getitems__([1, 0])] == [1, 0]
+        with pytest.raises(FileNotFoundError):
+            ds.__getitems__([0, 2])
+    finally:
+        shutil.move(away, val_dir)
+    with pytest.raises(UserError, match="--val-cache-mb must be >= 0"):
+        parse_config(FinetuneConfig, "", ["--val-cache-mb", "-2"])
