@@ -285,3 +285,29 @@ def test_val_images_are_read_once_then_served_from_memory(tmp_path):
         shutil.move(away, val_dir)
     with pytest.raises(UserError, match="--val-cache-mb must be >= 0"):
         parse_config(FinetuneConfig, "", ["--val-cache-mb", "-2"])
+
+
+def test_each_loader_worker_caches_its_share_of_the_val_budget(tmp_path):
+    # persistent workers each hold a cache: with a budget of two images and two workers, each
+    # keeps one (the first it reads), so the later epoch serves two batches from memory and
+    # the third needs its file; a worker holding the whole budget would have served four
+    import shutil
+
+    import torch
+    from common.data import ImageDataset, build_transforms
+
+    root = make_image_folder(tmp_path / "d", counts={"train": 1, "val": 3})
+    _, val, _ = load_image_folder(root, 0.2, 0)
+    pre = dict(input_size=32, resize=36, mean=[0.5] * 3, std=[0.25] * 3,
+               interpolation="bilinear")
+    _, eval_tf = build_transforms(pre)
+    ds = ImageDataset(val, eval_tf, cache_bytes=2 * 3 * 32 * 32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2,
+                                         persistent_workers=True, collate_fn=ds.collate())
+    assert len(list(loader)) == len(val)
+    shutil.move(os.path.join(root, "val"), tmp_path / "away")
+    served = []
+    with pytest.raises(FileNotFoundError):
+        for batch in loader:
+            served += batch["index"].tolist()
+    assert served == [0, 1]
