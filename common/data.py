@@ -308,6 +308,9 @@ class ImageDataset(torch.utils.data.Dataset):
     function of the data, not of the worker count, the process count, or where a resumed run
     picked up: what makes `--resume-from-checkpoint` land on exactly the same result.
     `epoch` is shared memory, so loader workers see the epoch the main process sets.
+
+    Without a seed, `cache_bytes` > 0 keeps the samples' uint8 pixels after their first read,
+    up to that many bytes (the val set: see _cached_items).
     """
 
     def __init__(self, split, transform, seed=None, views=None, min_side=None,
