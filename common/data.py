@@ -491,17 +491,34 @@ class ImageCollate:
 
     def __call__(self, samples: list) -> dict:
         xs = [s["pixel_values"] for s in samples]
+        uint8 = xs[0].dtype == torch.uint8 and self.normalise is not None
         if self.channels_last and xs[0].ndim == 3:
-            x = torch.stack([t.permute(1, 2, 0) for t in xs]).permute(0, 3, 1, 2)
+            nhwc = torch.stack([t.permute(1, 2, 0) for t in xs])
+            x = (_normalise_rows(nhwc, *self.normalise) if uint8 else nhwc).permute(0, 3, 1, 2)
         else:
             x = torch.stack(xs)
-        if x.dtype == torch.uint8 and self.normalise is not None:
-            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
-                         for v in self.normalise)
-            x = x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+            if uint8:
+                mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                             for v in self.normalise)
+                x = x.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
         rest = torch.utils.data.default_collate(
             [{k: v for k, v in s.items() if k != "pixel_values"} for s in samples])
         return {"pixel_values": x, **rest}
+
+
+def _normalise_rows(nhwc: torch.Tensor, mean: list, std: list) -> torch.Tensor:
+    """ImageCollate's arithmetic on a channels-last batch: float32 of the uint8 pixels,
+    x * (1 / 255), then (x - mean) / std, over rows of W x C values with the channels' mean and
+    std repeated along the row. The same operations on every element as a (1, C, 1, 1)
+    broadcast, but that broadcast loops over runs of C = 3 values in this memory layout, at
+    twice the time of the whole collate (6.2-6.7 against 2.6-3.2 ms for 32 images of 224
+    pixels, 2 threads, benchmarks/README.md)."""
+    n, h, w, c = nhwc.shape
+    rows = nhwc.to(torch.float32).view(n * h, w * c)
+    rows.mul_(1.0 / 255)
+    rows.sub_(torch.tensor(mean, dtype=torch.float32).repeat(w))
+    rows.div_(torch.tensor(std, dtype=torch.float32).repeat(w))
+    return rows.view(n, h, w, c)
 
 
 _POOLS: dict = {}
