@@ -375,9 +375,11 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.seed is None:
             xs = run(lambda img: self.pixels(decode(img)), rows["image"])
         elif self.draws is not None and pool is not None:
-            imgs = list(run(decode, rows["image"]))
-            drawn = [self._augment(self.draws.draw, img, i) for img, i in zip(imgs, indices)]
-            xs = run(self.draws.apply, imgs, drawn)
+            # each image's draws as soon as it is decoded (pool.map yields in order), its
+            # resize queued behind the decodes still running: no thread waits on the batch
+            futures = [pool.submit(self.draws.apply, img, self._augment(self.draws.draw, img, i))
+                       for img, i in zip(run(decode, rows["image"]), indices)]
+            xs = (f.result() for f in futures)
         else:
             xs = (self._augment(self.pixels, img, i)
                   for img, i in zip(run(decode, rows["image"]), indices))
