@@ -512,9 +512,9 @@ def _normalise_rows(nhwc: torch.Tensor, mean: list, std: list) -> torch.Tensor:
     """ImageCollate's arithmetic on a channels-last batch: float32 of the uint8 pixels,
     x * (1 / 255), then (x - mean) / std, over rows of W x C values with the channels' mean and
     std repeated along the row. The same operations on every element as a (1, C, 1, 1)
-    broadcast, but that broadcast loops over runs of C = 3 values in this memory layout, at
-    twice the time of the whole collate (6.2-6.7 against 2.6-3.2 ms for 32 images of 224
-    pixels, 2 threads, benchmarks/README.md)."""
+    broadcast, which loops over runs of C = 3 values in this memory layout: the collate
+    took 0.34-0.42 ms an image that way, 0.13-0.17 ms this way (224 pixels, 2 threads,
+    benchmarks/extract_phases.py; benchmarks/README.md, issue 33, run 7)."""
     n, h, w, c = nhwc.shape
     rows = nhwc.to(torch.float32).view(n * h, w * c)
     rows.mul_(1.0 / 255)
