@@ -6,7 +6,8 @@ against the bare model's forward+backward throughput, same batch size and precis
 Prints images/s for the loader with 0..N workers and for the model (fp32, channels-last
 as the scripts choose, and bf16 when --bf16). The model is starved when the loader's img/s
 at the chosen worker count is below the model's. With --train, it also launches
-train_finetune.py (accelerate_configs/cpu.yaml, its defaults, 2 epochs at this batch size)
+train_finetune.py (accelerate_configs/single_gpu.yaml where there is a GPU, else cpu.yaml;
+its defaults, 2 epochs at this batch size)
 and compares the training loop's img/s (epoch 2, from metrics.jsonl) with the bare model's.
 With --timm-train PATH/train.py (timm's own training script, e.g. from a clone of
 pytorch-image-models at the installed timm's version) it also runs that for 2 epochs on the
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.config import FinetuneConfig  # noqa: E402
+from common.data import default_num_workers  # noqa: E402
 from common.data import build_dataloaders, load_image_folder  # noqa: E402
 from common.models import build_model  # noqa: E402
 
@@ -67,18 +69,26 @@ def model_rate(model, batch_size, size, channels_last, bf16, steps=4):
     return steps * batch_size / (time.time() - t0)
 
 
+def train_workers(args) -> int:
+    """--train-workers, -1 resolved to the scripts' default for one process on this machine
+    (0 on a CPU, the spare cores beside a GPU): what both training loops get."""
+    return args.train_workers if args.train_workers >= 0 else default_num_workers(1)
+
+
 def train_rate(args):
     """Images/s of the real training loop: epoch 2 of a 2-epoch fine-tune (epoch 1 pays
-    the loader workers' start and the allocator's warm-up)."""
+    the loader workers' start and the allocator's warm-up), on this machine's GPU where it
+    has one (accelerate_configs/single_gpu.yaml), else its CPU (cpu.yaml)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = "single_gpu.yaml" if torch.cuda.is_available() else "cpu.yaml"
     with tempfile.TemporaryDirectory() as out:
         cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch",
-               "--config_file", os.path.join(repo, "accelerate_configs", "cpu.yaml"),
+               "--config_file", os.path.join(repo, "accelerate_configs", config),
                os.path.join(repo, "train_finetune.py"), "--data-dir", args.data_dir,
                "--model", args.model, "--no-pretrained", "--batch-size", str(args.batch_size),
                "--epochs", "2", "--freeze-epochs", "0", "--probe-epochs", "0",
                "--checkpointing-steps", "no",
-               "--num-workers", str(args.train_workers),
+               "--num-workers", str(train_workers(args)),
                "--report-to", "none", "--output-dir", os.path.join(out, "run")]
         subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ,
                                                                       HF_HUB_OFFLINE="1"))
@@ -95,7 +105,7 @@ def timm_rate(args, num_classes):
         cmd = [sys.executable, args.timm_train, "--data-dir", args.data_dir,
                "--train-split", "train", "--val-split", "val", "--model", arch,
                "--num-classes", str(num_classes), "-b", str(args.batch_size), "--epochs", "2",
-               "--channels-last", "--workers", str(max(args.train_workers, 0)),
+               "--channels-last", "--workers", str(train_workers(args)),
                "--no-prefetcher", "--device", "cuda" if torch.cuda.is_available() else "cpu",
                "--opt", "sgd", "--lr", "0.01", "--sched", "cosine", "--log-interval", "5",
                "--output", out]

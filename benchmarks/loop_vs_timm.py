@@ -12,10 +12,12 @@ each and the medians of ratios taken within a round (which cancel the drift):
 - timm's train.py as it runs by itself (glibc's defaults);
 - timm's train.py with the same malloc settings as ours, through glibc's tunables.
 Each run: 2 epochs on a subset of --data-dir (--per-class train images per class, 4 val
-images per class, symlinks in a temporary folder), fp32, channels-last, batch 32, 0 loader
-workers; the figure is epoch 2's (ours: metrics.jsonl; timm: its running mean over the
-epoch's updates, loading included). timm's train.py: `git show HEAD:train.py` of a
-pytorch-image-models clone at the installed timm's version.
+images per class, symlinks in a temporary folder), fp32, channels-last, batch 32, on the GPU
+where there is one, --workers loader workers for both (default: the scripts' own default for
+one process, 0 on a CPU, the spare cores beside a GPU); the figure is epoch 2's (ours:
+metrics.jsonl; timm: its running mean over the epoch's updates, loading included). timm's
+train.py: `git show HEAD:train.py` of a pytorch-image-models clone at the installed timm's
+version.
 """
 
 import argparse
@@ -26,7 +28,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from loader_vs_model import SHARED, timm_rate, train_rate  # noqa: E402
+import torch  # noqa: E402
+
+from loader_vs_model import SHARED, timm_rate, train_rate, train_workers  # noqa: E402
 from machine import describe  # noqa: E402
 
 VARIANTS = {  # name: (whose, GLIBC_TUNABLES or None)
@@ -59,14 +63,17 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default="timm:tf_efficientnet_lite0")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=-1,
+                   help="loader workers of both loops (-1: the scripts' default here)")
     args = p.parse_args()
     print(f"machine: {describe()}", flush=True)
     rates = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         num_classes = subset(args.data_dir, os.path.join(tmp, "data"), args.per_class)
         run_args = argparse.Namespace(data_dir=os.path.join(tmp, "data"), model=args.model,
-                                      batch_size=args.batch_size, train_workers=0,
+                                      batch_size=args.batch_size, train_workers=args.workers,
                                       timm_train=args.timm_train)
+        workers = train_workers(run_args)
         for r in range(args.rounds):
             for name, (whose, tunables) in VARIANTS.items():
                 os.environ.pop("GLIBC_TUNABLES", None)
@@ -79,7 +86,8 @@ def main():
                                                  for name, v in rates.items()) + " img/s",
                   flush=True)
     print(f"\n{args.model}, batch {args.batch_size}, {args.per_class * num_classes} train "
-          f"images, fp32 channels-last, 0 workers, epoch 2, {args.rounds} rounds")
+          f"images, fp32 channels-last, {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+          f"{workers} workers, epoch 2, {args.rounds} rounds")
     for name, v in rates.items():
         print(f"{name:22s} median {statistics.median(v):6.1f} img/s  (min {min(v):.1f}, "
               f"max {max(v):.1f})")
