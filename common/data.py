@@ -518,8 +518,9 @@ def _normalise_rows(nhwc: torch.Tensor, mean: list, std: list) -> torch.Tensor:
     n, h, w, c = nhwc.shape
     rows = nhwc.to(torch.float32).view(n * h, w * c)
     rows.mul_(1.0 / 255)
-    rows.sub_(torch.tensor(mean, dtype=torch.float32).repeat(w))
-    rows.div_(torch.tensor(std, dtype=torch.float32).repeat(w))
+    # (expand: one value for every channel, as Normalize broadcasts it)
+    rows.sub_(torch.tensor(mean, dtype=torch.float32).expand(c).repeat(w))
+    rows.div_(torch.tensor(std, dtype=torch.float32).expand(c).repeat(w))
     return rows.view(n, h, w, c)
 
 

@@ -208,6 +208,26 @@ def _int_label_dataset(tmp_path, train_labels, val_labels, val_split="validation
     return str(out)
 
 
+def test_the_collate_normalises_as_torchvision_does_in_both_layouts():
+    """The batch's conversion and normalisation, to the bit, for a mean and std per channel
+    and for one value for every channel (which Normalize broadcasts), at an odd size."""
+    import torch
+    from torchvision.transforms import v2
+    from common.data import ImageCollate
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+          for _ in range(4)]  # CHW views of HWC pixels, as ToImage gives them
+    samples = [{"pixel_values": x, "labels": 0, "index": i} for i, x in enumerate(xs)]
+    for mean, std in (([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), ([0.5], [0.25])):
+        expected = torch.stack([v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(x))
+                                for x in xs])
+        for channels_last in (False, True):
+            out = ImageCollate((mean, std), channels_last)(samples)["pixel_values"]
+            assert torch.equal(out, expected)
+            assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                                     else torch.contiguous_format)
+
+
 def test_int_labels_map_the_same_way_in_train_and_val_beyond_ten_classes(tmp_path):
     labels = list(range(12))  # as text, "10" and "11" would sort before "2"
     path = _int_label_dataset(tmp_path, labels * 2, labels)
