@@ -28,9 +28,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common.config import ExtractorConfig  # noqa: E402
-from common.data import ImageDataset, load_image_folder, training_transforms  # noqa: E402
-from common.features import extract_precision  # noqa: E402
-from common.images import decode_image, decode_sizes  # noqa: E402
+from common.data import load_image_folder  # noqa: E402
+from common.features import extract_precision, feature_datasets  # noqa: E402
 from common.memory import HeapGuard, keep_host_memory  # noqa: E402
 from extract_speed import bare_forward  # noqa: E402
 from machine import describe  # noqa: E402
@@ -43,11 +42,7 @@ def datasets_of(data):
     """The extractor's two image datasets for `data` with its default flags."""
     cfg = ExtractorConfig()
     train, val, _ = load_image_folder(data, cfg.val_fraction, cfg.seed)
-    train_tf, eval_tf = training_transforms(PRE, cfg, for_features=True)
-    train_side, eval_side = decode_sizes(PRE, cfg)
-    return [ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views,
-                         min_side=train_side),
-            ImageDataset(val, eval_tf, min_side=eval_side)]
+    return list(feature_datasets(train, val, PRE, cfg))
 
 
 @torch.inference_mode()
@@ -75,17 +70,21 @@ def loop(model, sets, precision, batch_size=32):
     return seconds, n
 
 
-def one_thread_decode(sets):
+def one_thread_decode(sets, batch_size=32):
     """Seconds per image to decode and transform every image of `sets` to the uint8 pixels
-    that the collate receives (what the decode threads do), on this thread alone."""
-    t = time.perf_counter()
-    n = 0
-    for ds in sets:
-        for i in range(len(ds)):
-            img = decode_image(ds.split[i]["image"], ds.min_side)
-            ds.pixels(img) if ds.seed is None else ds._augment(ds.pixels, img, i)
-            n += 1
-    return (time.perf_counter() - t) / n
+    that the collate receives (what the decode threads do), on this thread alone: with one
+    torch thread, `__getitems__` decodes in the calling thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = time.perf_counter()
+        n = 0
+        for ds in sets:
+            for start in range(0, len(ds), batch_size):
+                n += len(ds.__getitems__(list(range(start, min(start + batch_size, len(ds))))))
+        return (time.perf_counter() - t) / n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main():

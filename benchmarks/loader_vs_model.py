@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.config import FinetuneConfig  # noqa: E402
-from common.data import default_num_workers  # noqa: E402
-from common.data import build_dataloaders, load_image_folder  # noqa: E402
+from common.data import build_dataloaders, default_num_workers, load_image_folder  # noqa: E402
 from common.models import build_model  # noqa: E402
 
 SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(os.path.dirname(__file__), "..", "..",

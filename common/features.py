@@ -200,6 +200,21 @@ def _cache_dir(cfg):
         "transfer-learning", "features")
 
 
+def feature_datasets(train: datasets.Dataset, val: datasets.Dataset, preprocessing: dict,
+                     cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    """(train images, val images) as the backbone sees them for the cache: --feature-views
+    augmented views of each training image (0: its centre view), one centre view of each
+    val image."""
+    # at the input size: a head trained on them is evaluated there (the fine-tune's
+    # --train-size is for its own training steps)
+    train_tf, eval_tf = training_transforms(preprocessing, cfg, for_features=True)
+    train_side, eval_side = decode_sizes(preprocessing, cfg)
+    train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views,
+                                 min_side=train_side)
+                    if cfg.feature_views else ImageDataset(train, eval_tf, min_side=eval_side))
+    return train_images, ImageDataset(val, eval_tf, min_side=eval_side)
+
+
 def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: Network,
                            train: datasets.Dataset, val: datasets.Dataset, *,
                            workers: int) -> tuple:
@@ -208,15 +223,8 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
     has no entry for this exact model, data, transform and precision."""
     model, head_names = network.model, network.head_names
     preprocessing, channels_last = network.preprocessing, network.channels_last
-    # at the input size: a head trained on them is evaluated there (the fine-tune's
-    # --train-size is for its own training steps)
-    train_tf, eval_tf = training_transforms(preprocessing, cfg, for_features=True)
+    train_images, val_images = feature_datasets(train, val, preprocessing, cfg)
     views = max(cfg.feature_views, 1)
-    train_side, eval_side = decode_sizes(preprocessing, cfg)
-    train_images = (ImageDataset(train, train_tf, seed=cfg.seed, views=cfg.feature_views,
-                                 min_side=train_side)
-                    if cfg.feature_views else ImageDataset(train, eval_tf, min_side=eval_side))
-    val_images = ImageDataset(val, eval_tf, min_side=eval_side)
     device = accelerator.device
     precision = extract_precision(cfg, device)
     model = model.to(device).eval()
