@@ -5,15 +5,16 @@
 `extract_speed.py` gives the ratio of `train_extractor.py`'s extraction to the bare
 backbone's forward; this says what the rest of that time is, in this process, on the CPU
 with torch's threads (as the extractor runs there: no loader workers). Per round, in turn:
-(1) the bare forward (extract_speed.py's: random batches of 32, channels-last, under bf16
-autocast where `--extract-precision auto` picks bf16); (2) the extractor's batches of the
-set as `common.features` builds them (the training split's one augmented view and the val
-split's centre view, the same datasets), each batch through the same model, timing apart
-`__getitems__` (decode and transform on its threads: "decode"), the loaders' collate and the
-forward; (3) the decode and transforms alone, image by image on one thread. Prints
-milliseconds per image and two ratios to the bare forward: the loop's, and the most that
-decoding on every core in turn with the forward allows, bare / (bare + one-thread decode /
-threads), with nothing else costing anything.
+(1) the bare forward (extract_speed.py's: timm's model on random batches of 32,
+channels-last, under bf16 autocast where `--extract-precision auto` picks bf16), and in bf16
+the same with the BatchNorm layers folded (common/folding.py); (2) the extractor's batches of
+the set as `common.features` builds them (the training split's one augmented view and the val
+split's centre view, the same datasets), each batch through the model as the extractor runs
+it (folded in bf16), timing apart `__getitems__` (decode and transform on its threads:
+"decode"), the loaders' collate and the forward; (3) the decode and transforms alone, image
+by image on one thread. Prints milliseconds per image and two ratios to timm's bare forward:
+the loop's, and the most that decoding on every core in turn with the extractor's forward
+allows, bare / (folded + one-thread decode / threads), with nothing else costing anything.
 """
 
 import argparse
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from common.config import ExtractorConfig  # noqa: E402
 from common.data import load_image_folder  # noqa: E402
 from common.features import extract_precision, feature_datasets  # noqa: E402
+from common.folding import fold_batchnorm  # noqa: E402
 from common.memory import HeapGuard, keep_host_memory  # noqa: E402
 from extract_speed import bare_forward  # noqa: E402
 from machine import describe  # noqa: E402
@@ -100,18 +102,23 @@ def main():
     sets = datasets_of(args.data)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     model = model.eval().to(memory_format=torch.channels_last)
+    if precision == "bf16":  # as the extractor runs its bf16 forward
+        model = fold_batchnorm(model, torch.zeros(1, 3, 224, 224).contiguous(
+            memory_format=torch.channels_last))
     threads = torch.get_num_threads()
     loops, bounds = [], []
     for r in range(args.rounds):
         bare_ms = 1e3 / bare_forward(device, precision, batches=20)
+        folded_ms = 1e3 / bare_forward(device, precision, batches=20, folded=True) \
+            if precision == "bf16" else bare_ms
         seconds, n = loop(model, sets, precision)
         decode_ms = 1e3 * one_thread_decode(sets)
         ms = {k: 1e3 * v / n for k, v in seconds.items()}
         loop_ms = sum(ms.values())
         loops.append(bare_ms / loop_ms)
-        bounds.append(bare_ms / (bare_ms + decode_ms / threads))
+        bounds.append(bare_ms / (folded_ms + decode_ms / threads))
         print(f"round {r + 1} ({n} images, {precision}, {threads} threads), ms per image: "
-              f"bare forward {bare_ms:.2f}; the loop {loop_ms:.2f} = "
+              f"bare forward {bare_ms:.2f} (folded {folded_ms:.2f}); the loop {loop_ms:.2f} = "
               + " + ".join(f"{k} {v:.2f}" for k, v in ms.items())
               + f"; decode and transform on one thread {decode_ms:.2f}. Ratio to the bare "
               f"forward: the loop {loops[-1]:.2f}, at most {bounds[-1]:.2f}", flush=True)

@@ -4,14 +4,18 @@
 
 On whatever device is here, --rounds times in turn (a shared CPU's speed wanders by 20-30%
 within minutes, so each round's ratio is taken between neighbours, and the median printed):
-(1) the bare backbone's forward up to the features (`forward_features` + pooling, no head,
-no data: random batches of 32 at 224 px, channels-last, glibc's heap kept as the scripts
-keep it on CPU) in fp32, and under bf16 autocast where `--extract-precision auto` picks bf16;
+(1) the bare backbone's forward up to the features (timm's model as it is:
+`forward_features` + pooling, no head, no data: random batches of 32 at 224 px,
+channels-last, glibc's heap kept as the scripts keep it on CPU) in fp32, and under bf16
+autocast where `--extract-precision auto` picks bf16, there also with its BatchNorm layers
+folded into the convolutions (common/folding.py, as the extractor runs a bf16 forward);
 (2) `train_extractor.py --epochs 0` on the image folder with its defaults and a cold feature
 cache (decode from disk, resize, forward, write the cache), its `extract_images_per_second`
-from results.json; (3) the best precision's bare forward again. Prints them and the ratio
-of (2) to the mean of (1) and (3) at the best native precision (the mean of the forward
-before and after: the machine's speed drifts within a round too).
+from results.json; (3) the bare forwards of the best precision again. Prints them and the
+ratio of (2) to the mean of (1) and (3) at the best native precision (the mean of the
+forward before and after: the machine's speed drifts within a round too): to timm's forward
+(the reference), and where the extractor folds, to the folded forward (what the rest of the
+extraction costs beside the forward it runs).
 """
 
 import argparse
@@ -31,18 +35,21 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 from common.config import ExtractorConfig  # noqa: E402
 from common.features import extract_precision  # noqa: E402
+from common.folding import fold_batchnorm  # noqa: E402
 from common.memory import keep_host_memory  # noqa: E402
 from machine import describe  # noqa: E402
 
 SHARED = os.environ.get("TL_SHARED_DIR", os.path.join(REPO, "..", "shared"))
 
 
-def bare_forward(device, dtype, batches, batch_size=32):
+def bare_forward(device, dtype, batches, batch_size=32, folded=False):
     keep_host_memory(device)  # as the scripts do on CPU: freed activations stay in the heap
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     model = model.to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(
         memory_format=torch.channels_last)
+    if folded:
+        model = fold_batchnorm(model, x[:1])
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                 enabled=dtype == "bf16"):
         for _ in range(3):  # warm-up
@@ -86,24 +93,36 @@ def main():
     # the extractor's own rule for --extract-precision auto: bf16 where the device has it
     precisions = ["fp32"] + (["bf16"] if extract_precision(ExtractorConfig(), device) == "bf16"
                              else [])
-    ratios = []
+    ratios, to_folded = [], []
     for r in range(args.rounds):
         before = {k: bare_forward(device, k, args.batches) for k in precisions}
+        best = max(before, key=before.get)
+        fold = best == "bf16"  # the extractor folds its bf16 forward only
+        folded_before = bare_forward(device, best, args.batches, folded=True) if fold else None
         rate, precision = extraction(device, args.data)
-        # the best precision's forward again: the reference is the mean of the forward just
+        # the best precision's forwards again: the reference is the mean of the forward just
         # before and just after the extraction, so a drift in the machine's speed during
         # the round weighs on both sides of the ratio
-        best = max(before, key=before.get)
         after = bare_forward(device, best, args.batches)
-        reference = (before[best] + after) / 2
-        ratios.append(rate / reference)
-        print(f"round {r + 1}: bare backbone forward "
-              + ", ".join(f"{k} {v:.1f}" for k, v in before.items())
-              + f" img/s, {best} after the extraction {after:.1f}; train_extractor.py "
-              f"extraction ({precision}, decode included) {rate:.1f} img/s; ratio to the "
-              f"bare {best} (mean of before and after): {ratios[-1]:.2f}", flush=True)
+        ratios.append(rate / ((before[best] + after) / 2))
+        line = (f"round {r + 1}: bare backbone forward "
+                + ", ".join(f"{k} {v:.1f}" for k, v in before.items())
+                + (f", {best} folded {folded_before:.1f}" if fold else "")
+                + f" img/s; train_extractor.py extraction ({precision}, decode included) "
+                f"{rate:.1f} img/s; {best} after it {after:.1f}")
+        if fold:
+            folded_after = bare_forward(device, best, args.batches, folded=True)
+            to_folded.append(rate / ((folded_before + folded_after) / 2))
+            line += f", folded {folded_after:.1f}"
+        print(f"{line} img/s; ratio to timm's bare {best} (mean of before and after): "
+              f"{ratios[-1]:.2f}" + (f", to the folded {to_folded[-1]:.2f}" if fold else ""),
+              flush=True)
     print(f"median ratio extraction / bare forward: {statistics.median(ratios):.2f} "
           f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    if to_folded:
+        print(f"median ratio extraction / bare folded forward: "
+              f"{statistics.median(to_folded):.2f} "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in to_folded)})")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ the fly. Validation always has one centre view.
 
 Precision (`--extract-precision`): the forward runs in bf16 where the device computes it
 natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32; features are stored in
-fp32 either way.
+fp32 either way. A bf16 forward runs on a copy of the backbone with its BatchNorm layers
+folded into the convolutions before them (common/folding.py: one pass over the activations
+fewer per layer); an fp32 one on the backbone as it is, so its features are the model's to
+the bit.
 
 Cache key: sha256 of the backbone's tensors, the model name, the preprocessing, views, crop
-scale, seed, extraction precision, channels-last and device type, and each image's identity
-(path, size, mtime; or the dataset's fingerprint): a changed image, model, weights file,
+scale, seed, extraction precision, the fold, channels-last and device type, and each image's
+identity (path, size, mtime; or the dataset's fingerprint): a changed image, model, weights file,
 transform or numeric setting never reuses stale features. Whether the cache hits is decided
 together: every process reports whether it sees the file and it is a hit only if all do, so
 processes never disagree (separate home folders per node, a concurrent writer) and hang.
@@ -46,6 +49,7 @@ from torch import nn
 from common import mmap_tensors
 from common.data import ImageDataset, train_order, training_transforms
 from common.errors import UserError
+from common.folding import fold_batchnorm
 from common.imagecheck import identity_digest
 from common.images import decode_sizes
 from common.labels import labels_of
@@ -145,12 +149,12 @@ def _autocast(device, precision):
 
 
 @torch.no_grad()
-def _probe(model, head_names, example, device):
+def _probe(model, head_names, example):
     """(feature dims of each head) from one image in fp32, checking that the heads applied
     to the captured inputs and averaged reproduce the model's output: what training on
     cached features assumes."""
     with head_inputs(model, head_names) as captured:
-        out = model(example[None].to(device)).float()
+        out = model(example).float()
     dims = [c.shape[1] for c in captured]
     heads = FeatureHeads([model.get_submodule(h) for h in head_names], dims)
     again = heads(torch.cat(captured, dim=1)).float()
@@ -230,20 +234,26 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dims = _probe(model, head_names, val_images[0]["pixel_values"], device)
+    example = val_images[0]["pixel_values"][None].to(device)
+    dims = _probe(model, head_names, example)
+    # bf16: the features are bf16's rounding of the backbone's anyway, and the fold's rounding
+    # is of the same size (fp32 keeps the model's own numbers, see the module's docstring)
+    backbone = fold_batchnorm(model, example) if precision == "bf16" else model
     cache_dir = _cache_dir(cfg)
     key = [None]
     if accelerator.is_main_process:  # hashing weights and stat-ing every image: once
         key[0] = cache_key(model, head_names, cfg, preprocessing,
                            (identity_digest(train), identity_digest(val)),
                            settings=dict(precision=precision, channels_last=channels_last,
-                                         device=device.type))
+                                         device=device.type,
+                                         batchnorm_folded=backbone is not model))
     if accelerator.num_processes > 1:
         broadcast_object_list(key)
     path = os.path.join(cache_dir, key[0] + ".safetensors")
     seen = gather_object([os.path.isfile(path)]) if accelerator.num_processes > 1 \
         else [os.path.isfile(path)]
-    info = dict(feature_cache=path, extract_precision=precision)
+    info = dict(feature_cache=path, extract_precision=precision,
+                batchnorm_folded=backbone is not model)
     if all(seen):
         logger.info(f"features: cached in {path}")
         info["features_cached"] = True
@@ -257,9 +267,9 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=cache_dir)
             os.close(fd)
             maps = mmap_tensors.create(tmp, shapes)
-        _extract(accelerator, model, head_names, train_images, views, cfg, workers,
+        _extract(accelerator, backbone, head_names, train_images, views, cfg, workers,
                  channels_last, precision, maps["train"])
-        _extract(accelerator, model, head_names, val_images, 1, cfg, workers, channels_last,
+        _extract(accelerator, backbone, head_names, val_images, 1, cfg, workers, channels_last,
                  precision, maps["val"])
         if tmp:
             for m in maps.values():

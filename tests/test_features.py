@@ -26,7 +26,7 @@ def key_inputs(tmp_path):
     return root, train, val, built.model, built.head_names, built.preprocessing
 
 
-SETTINGS = dict(precision="fp32", channels_last=True, device="cpu")
+SETTINGS = dict(precision="fp32", channels_last=True, device="cpu", batchnorm_folded=False)
 
 
 def test_cache_key_changes_with_image_model_transform_and_numerics(key_inputs):
@@ -57,7 +57,7 @@ def test_cache_key_changes_with_image_model_transform_and_numerics(key_inputs):
     assert key(pre=dict(pre, resize=200)) != first
     # the numbers the features are computed with: bf16 features never stand in for fp32
     assert len({first, key(precision="bf16"), key(channels_last=False),
-                key(device="cuda")}) == 4
+                key(device="cuda"), key(batchnorm_folded=True)}) == 5
 
 
 @pytest.mark.parametrize("views", ["1", "2"])  # 1: the default
@@ -129,3 +129,32 @@ def test_second_run_reuses_the_cache(image_folder, tmp_path, offline_env):
     assert "features: cached in" in second.stdout
     a, b = (json.load(open(tmp_path / x / "results.json")) for x in "ab")
     assert a["val_samples"] == b["val_samples"] == 9
+
+
+def test_bf16_extraction_runs_on_the_folded_backbone_fp32_on_the_model_itself(
+        image_folder, tiny_weights, tmp_path):
+    """--extract-precision bf16 computes the features on a copy with the BatchNorm layers
+    folded into the convolutions (common/folding.py): bf16's rounding of the fp32 features,
+    which come from the model as it is; the model the heads train in is never changed."""
+    from accelerate import Accelerator
+
+    from common.features import cached_feature_loaders
+
+    accelerator = Accelerator(cpu=True)
+    train, val, classes = load_image_folder(image_folder, 0.2, 0)
+    features = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ExtractorConfig(model="timm:test_resnet", weights=tiny_weights, batch_size=4,
+                              extract_precision=precision,
+                              feature_cache_dir=str(tmp_path / "cache"))
+        network = build_model(cfg.model, len(classes), True, tiny_weights)
+        before = {k: v.clone() for k, v in network.model.state_dict().items()}
+        modules = [type(m) for m in network.model.modules()]
+        *_, info = cached_feature_loaders(accelerator, cfg, network, train, val, workers=0)
+        assert info["extract_precision"] == precision and not info["features_cached"]
+        assert info["batchnorm_folded"] == (precision == "bf16")
+        assert all(torch.equal(v, before[k]) for k, v in network.model.state_dict().items())
+        assert [type(m) for m in network.model.modules()] == modules
+        features[precision] = load_file(info["feature_cache"])["val"]
+    error = (features["bf16"] - features["fp32"]).norm() / features["fp32"].norm()
+    assert 0 < error < 0.05
