@@ -126,7 +126,8 @@ class TrainConfig:
                                            "~/.cache/transfer-learning/features)")
     extract_precision: str = opt("auto", "precision of the frozen backbone's forward when "
                                  "caching features (auto: bf16 on GPUs and CPUs with native "
-                                 "bf16, else fp32; features are stored in fp32)",
+                                 "bf16, else fp32; bf16 runs with the BatchNorm layers folded "
+                                 "into the convolutions; features are stored in fp32)",
                                  choices=("auto", "fp32", "bf16"))
     channels_last: Optional[bool] = opt(None, "channels-last memory format; default: on "
                                         "(faster convolutions on GPUs and fp32 CPUs), except "
