@@ -51,8 +51,10 @@ rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if l.str
 train = [x for x in rows if x.get("train_seconds")]
 ips = sum(x["train_samples"] for x in train) / max(sum(x["train_seconds"] for x in train), 1e-9)
 extract = r.get("extract_images_per_second")
+# the extraction's precision, and whether its bf16 forward ran folded (common/folding.py)
+how = r.get("extract_precision", "") + (", folded" if r.get("batchnorm_folded") else "")
 print(f"{name:28s} best val acc {r['best_val_accuracy']:.4f} (epoch {r['best_epoch']}), "
-      f"train {ips:7.1f} img/s" + (f", extraction {extract} img/s" if extract else "")
+      f"train {ips:7.1f} img/s" + (f", extraction {extract} img/s ({how})" if extract else "")
       + f", {r['num_processes']} proc, {r['mixed_precision']}, {secs} s")
 EOF
   tail -1 "$SUMMARY"

@@ -97,8 +97,14 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
         parent, _, attr = bn_name.rpartition(".")
         setattr(folded.get_submodule(parent), attr,
                 nn.Identity() if type(bn) is nn.BatchNorm2d else _AfterNorm(bn))
-    with torch.autocast(example.device.type, enabled=False):
-        want, got = model(example).float(), folded(example).float()
+    # in true fp32: cuDNN's TF32 convolutions (on by default on Ampere and newer GPUs) are
+    # ~1e-3 off fp32, more than any fold, and would turn every fold down there
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        with torch.autocast(example.device.type, enabled=False):
+            want, got = model(example).float(), folded(example).float()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     # fp32 reassociation only: ~1e-6 relative on EfficientNet-Lite0's 49 folds
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
         return model
