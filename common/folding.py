@@ -5,7 +5,7 @@ In eval mode a BatchNorm layer is y = x * a + b per channel (a = weight / sqrt(r
 eps), b = bias - running_mean * a). When x is a convolution's output, scaling the
 convolution's weight by a and giving it b as its bias computes the same y in the
 convolution, and the layer's own pass over the activations goes: EfficientNet-Lite0's bf16
-forward ran 1.08-1.22x faster folded on a 2-core AVX512-BF16 EPYC (benchmarks/README.md,
+forward ran 1.01-1.22x faster folded on a 2-core AVX512-BF16 EPYC (benchmarks/README.md,
 issue 33, run 8). A timm BatchNormAct2d keeps its activation (and dropout) after the fold.
 
 Only for a bf16 forward (common/features.py decides): folding changes the rounding, and in
