@@ -237,7 +237,7 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
     example = val_images[0]["pixel_values"][None].to(device)
     dims = _probe(model, head_names, example)
     # bf16: the features are bf16's rounding of the backbone's anyway, and the fold's rounding
-    # is of the same size (fp32 keeps the model's own numbers, see the module's docstring)
+    # is of the same order (benchmarks/README.md, issue 33, run 8); fp32 keeps the model's own
     backbone = fold_batchnorm(model, example) if precision == "bf16" else model
     cache_dir = _cache_dir(cfg)
     key = [None]

@@ -30,6 +30,7 @@ import copy
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
 class _AfterNorm(nn.Module):
@@ -92,7 +93,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     folded = copy.deepcopy(model)
     for conv_name, bn_name in pairs:
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
-        conv.weight, conv.bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+        conv.weight, conv.bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         parent, _, attr = bn_name.rpartition(".")
         setattr(folded.get_submodule(parent), attr,
