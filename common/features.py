@@ -239,6 +239,7 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
     # bf16: the features are bf16's rounding of the backbone's anyway, and the fold's rounding
     # is of the same order (benchmarks/README.md, issue 33, run 8); fp32 keeps the model's own
     backbone = fold_batchnorm(model, example) if precision == "bf16" else model
+    folded = backbone is not model
     cache_dir = _cache_dir(cfg)
     key = [None]
     if accelerator.is_main_process:  # hashing weights and stat-ing every image: once
@@ -246,14 +247,14 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
                            (identity_digest(train), identity_digest(val)),
                            settings=dict(precision=precision, channels_last=channels_last,
                                          device=device.type,
-                                         batchnorm_folded=backbone is not model))
+                                         batchnorm_folded=folded))
     if accelerator.num_processes > 1:
         broadcast_object_list(key)
     path = os.path.join(cache_dir, key[0] + ".safetensors")
     seen = gather_object([os.path.isfile(path)]) if accelerator.num_processes > 1 \
         else [os.path.isfile(path)]
     info = dict(feature_cache=path, extract_precision=precision,
-                batchnorm_folded=backbone is not model)
+                batchnorm_folded=folded)
     if all(seen):
         logger.info(f"features: cached in {path}")
         info["features_cached"] = True

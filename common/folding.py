@@ -25,6 +25,7 @@ transforms its weight in forward), the model is used as it is.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 
 import torch
@@ -49,10 +50,20 @@ def _foldable(bn: nn.Module) -> bool:
             and bn.running_mean is not None and bn.running_var is not None)
 
 
-@torch.no_grad()
-def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:
-    """[(convolution's name, BatchNorm's name)] where the BatchNorm normalises exactly what
-    the convolution returned, in one forward of `example` (fp32)."""
+@contextlib.contextmanager
+def _true_fp32(device: torch.device):
+    """Autocast off, and cuDNN's TF32 convolutions too (on by default on Ampere and newer
+    GPUs: ~1e-3 off fp32, more than any fold, they would turn every fold down there)."""
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _pairs_and_output(model: nn.Module, example: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """(conv_bn_pairs, the model's fp32 output on `example`) from the one forward."""
     names = {m: n for n, m in model.named_modules()}
     produced = {}  # id(output) -> (conv, output): the output kept, so its id is not reused
     calls, pairs = collections.Counter(), []
@@ -72,14 +83,21 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:
     handles += [m.register_forward_pre_hook(before_bn) for m in model.modules()
                 if _foldable(m)]
     try:
-        with torch.autocast(example.device.type, enabled=False):
-            model(example)
+        with _true_fp32(example.device):
+            output = model(example)
     finally:
         for h in handles:
             h.remove()
     used = collections.Counter(conv for conv, _ in pairs)
     return [(names[conv], names[bn]) for conv, bn in pairs
-            if calls[conv] == calls[bn] == used[conv] == 1]
+            if calls[conv] == calls[bn] == used[conv] == 1], output
+
+
+@torch.no_grad()
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list:
+    """[(convolution's name, BatchNorm's name)] where the BatchNorm normalises exactly what
+    the convolution returned, in one forward of `example` (fp32)."""
+    return _pairs_and_output(model, example)[0]
 
 
 @torch.no_grad()
@@ -87,7 +105,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """A copy of the eval-mode `model` with its BatchNorm layers folded into the convolutions
     that feed them, checked against `model` on `example` (a batch on the model's device); the
     model itself where nothing folds or the check fails."""
-    pairs = conv_bn_pairs(model, example)
+    pairs, want = _pairs_and_output(model, example)
     if not pairs:
         return model
     folded = copy.deepcopy(model)
@@ -98,14 +116,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
         parent, _, attr = bn_name.rpartition(".")
         setattr(folded.get_submodule(parent), attr,
                 nn.Identity() if type(bn) is nn.BatchNorm2d else _AfterNorm(bn))
-    # in true fp32: cuDNN's TF32 convolutions (on by default on Ampere and newer GPUs) are
-    # ~1e-3 off fp32, more than any fold, and would turn every fold down there
-    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-    try:
-        with torch.autocast(example.device.type, enabled=False):
-            want, got = model(example).float(), folded(example).float()
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    with _true_fp32(example.device):
+        got = folded(example)
+    want, got = want.float(), got.float()
     # fp32 reassociation only: ~1e-6 relative on EfficientNet-Lite0's 49 folds
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
         return model
