@@ -301,6 +301,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_name
     gathered = [t[gathered[3] >= 0] for t in gathered]  # not the padding
     index, first = _first_of_each(gathered[3])
     losses, preds, labels, _, prob, logits = (t[first] for t in gathered)
+    expected = _expected_samples(loader, accelerator)
+    if expected is not None and len(labels) != expected:
+        raise RunFailure(f"the val set was evaluated on {len(labels)} of its {expected} "
+                         "images (each image is counted once, by its index): its metrics "
+                         "would be another set's; not reported")
     out = compute_metrics(metrics, preds, labels, class_names)
     # per image, as CPU tensors: the best epoch's go to best/predictions.safetensors (main
     # process), never into the train state
@@ -308,6 +313,25 @@ def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_name
                predictions={"index": index, "pred": preds, "label": labels, "prob": prob,
                             "loss": losses, "logits": logits})
     return out
+
+
+def _expected_samples(loader: Iterable, accelerator: Optional[Accelerator]) -> Optional[int]:
+    """How many images an evaluation of `loader` must count: its dataset's size, less the
+    images a stream skipped as unreadable on any process (`StreamDataset.skipped`). None
+    where the loader has no sized dataset."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size = len(dataset)
+    except TypeError:
+        return None
+    skipped = getattr(dataset, "skipped", None)
+    if skipped is None:
+        return size
+    count = torch.tensor([float(skipped.value)], device=accelerator.device if accelerator
+                         else "cpu")
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = accelerator.reduce(count, "sum")
+    return size - int(count.item())
 
 
 def _first_of_each(index):

@@ -2,16 +2,18 @@
 
 `datasets.load_dataset(..., streaming=True)` gives an IterableDataset: examples are read and
 decoded as training consumes them. Here:
-- each example gets its global position as `index` (for exact val metrics and per-image
-  augmentation seeds), then train is shuffled with a buffer (`--shuffle-buffer`, reseeded by
-  seed + epoch) and both splits are divided with `split_dataset_by_node`, so each process
-  reads only its part;
+- train is shuffled with a buffer (`--shuffle-buffer`, reseeded by seed + epoch) and divided
+  with `split_dataset_by_node`, so each process reads only its part; each example's position
+  in that part (`index`) seeds its augmentation;
 - the epoch length comes from the split's known size (the dataset card's, or one pass over the
   label column when the card has none): every process takes exactly size // (processes x
   batch) batches per epoch, going round its part again if it runs short, so DDP never waits
   on a process that ran out (the few images left over change from epoch to epoch);
-- validation reads each process's part once; results are gathered by index, so every image
-  is counted exactly once;
+- validation is divided here, not by `datasets`: each of the (processes x loader workers)
+  readers takes whole files (shards) when there are enough of them, else every n-th row, and
+  each image's `index` is its file and row (`shard << 32 | row`), the same whoever reads it;
+  results are gathered by index, and the images evaluated plus those skipped must make the
+  split's size (`engine.evaluate` refuses a val set evaluated short);
 - an image that does not decode is skipped with a warning when it is reached (there is no
   pass over all images up front);
 - resuming mid-epoch reads past the batches already done.
@@ -22,7 +24,7 @@ so they are off with --streaming.
 from __future__ import annotations
 
 import multiprocessing as mp
-from typing import Any, Callable, Iterable, TYPE_CHECKING
+from typing import Any, Callable, Iterable, Iterator, TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -118,8 +120,8 @@ def load_streaming(cfg: TrainConfig, name: str, val_names: tuple) -> tuple:
         elif size is None:  # the card does not say: count (labels only, no image is read)
             size = sum(_label_pass(ds).values())
         ds = ds.cast_column("image", datasets.Image(decode=False))
-        ds = ds.map(lambda ex, i: {"index": i}, with_indices=True)
         if key == "train":
+            ds = ds.map(lambda ex, i: {"index": i}, with_indices=True)
             ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
         out.append(StreamSplit(ds, size, None if isinstance(feature, datasets.ClassLabel)
                                else index, counts if key == "train" else None,
@@ -129,25 +131,61 @@ def load_streaming(cfg: TrainConfig, name: str, val_names: tuple) -> tuple:
     return out[0], out[1], classes
 
 
+_ROW_BITS = 32  # a val image's index: shard << 32 | row within the shard
+
+
+def val_rows(stream: datasets.IterableDataset, reader: int, readers: int) -> Iterator[dict]:
+    """Reader `reader` of `readers`'s rows of a val stream, each with its `index` (its shard
+    and row, the same whoever reads it). Every row goes to exactly one reader: whole shards
+    when there are at least as many as readers, else every `readers`-th row of the stream.
+    `IterableDataset.iter` is used, not `iter()`: the latter would divide the shard again
+    among the DataLoader's workers."""
+    shards = stream.num_shards
+    by_shard = shards >= readers
+    position = 0
+    for k in range(shards):
+        if by_shard and k % readers != reader:
+            continue
+        row = 0
+        for batch in stream.shard(num_shards=shards, index=k).iter(batch_size=64):
+            for values in zip(*batch.values()):
+                if by_shard or position % readers == reader:
+                    yield dict(zip(batch, values), index=k << _ROW_BITS | row)
+                row, position = row + 1, position + 1
+
+
 class StreamDataset(torch.utils.data.IterableDataset):
     """This process's part of a split, decoded and transformed like ImageDataset (RGB, the
-    same per-image augmentation seeds)."""
+    same per-image augmentation seeds). `seed` None: the val split, divided by `val_rows`;
+    `skipped` counts the images that did not decode (shared with the loader's workers)."""
 
     def __init__(self, split, transform, rank, world, seed=None, min_side=None):
         self.split, self.transform, self.seed, self.min_side = split, transform, seed, min_side
-        self.part = split_dataset_by_node(split.stream, rank=rank, world_size=world)
+        self.rank, self.world = rank, world
+        self.part = split_dataset_by_node(split.stream, rank=rank, world_size=world) \
+            if seed is not None else None
         self.epoch = mp.Value("i", 0, lock=False)
+        self.skipped = mp.Value("i", 0)
 
     def __len__(self):  # the whole split, for reports
         return self.split.size
 
+    def _rows(self):
+        if self.part is not None:
+            self.part.set_epoch(self.epoch.value)  # a new shuffle per epoch
+            return iter(self.part)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return val_rows(self.split.stream, self.rank * workers + worker, self.world * workers)
+
     def __iter__(self):
-        self.part.set_epoch(self.epoch.value)  # a new shuffle per epoch
-        for ex in self.part:
+        for ex in self._rows():
             src = ex["image"]
             try:
                 img = decode_image(src, self.min_side)
             except Exception as e:  # a corrupt image: skipped here, as the pre-check would
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
                 logger.warning(f"skipping unreadable image {src.get('path') or ex['index']} "
                                f"({type(e).__name__})", main_process_only=False)  # its shard
                 continue
@@ -183,6 +221,7 @@ class StreamLoader:
         return self
 
     def _batches(self):
+        self.dataset.skipped.value = 0  # counted anew each pass
         # a fresh loader per pass: workers must see this epoch's shuffle
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
                                            num_workers=self.workers,

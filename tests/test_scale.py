@@ -32,6 +32,83 @@ def parquet_set(tmp_path_factory):
     return str(root / "pq"), folder
 
 
+@pytest.fixture(scope="module")
+def parquet_files_set(tmp_path_factory):
+    """The same kind of set, each split in 4 parquet files (as large Hub datasets are), 17 val
+    images (not a multiple of processes x workers)."""
+    root = tmp_path_factory.mktemp("pq4")
+    folder = make_image_folder(root / "imgs", counts={"train": 8, "val": 6})
+    for split, name in (("train", "train"), ("val", "validation")):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, split))
+                       for f in fs)[:17 if split == "val" else None]
+        ds = datasets.Dataset.from_dict(
+            {"image": files, "label": [os.path.basename(os.path.dirname(f)) for f in files]})
+        ds = ds.cast_column("image", datasets.Image())
+        for k in range(4):
+            ds.shard(4, k, contiguous=True).to_parquet(
+                str(root / "pq" / f"{name}-{k:05d}-of-00004.parquet"))
+    return str(root / "pq")
+
+
+def test_streamed_val_rows_go_to_one_reader_each_with_an_index_that_does_not_depend_on_readers(
+        parquet_files_set):
+    from common.streaming import val_rows
+
+    stream = datasets.load_dataset(parquet_files_set, streaming=True)["validation"]
+    stream = stream.cast_column("image", datasets.Image(decode=False))
+    assert stream.num_shards == 4
+    alone = {r["index"]: r["image"]["bytes"] for r in val_rows(stream, 0, 1)}
+    assert len(alone) == 17
+    for readers in (2, 3, 4, 6):  # whole files each, and every n-th row (more readers)
+        parts = [[(r["index"], r["image"]["bytes"]) for r in val_rows(stream, k, readers)]
+                 for k in range(readers)]
+        rows = [row for part in parts for row in part]
+        assert len(rows) == 17 and dict(rows) == alone, readers
+
+
+def test_streaming_4_files_on_2_processes_and_2_workers_counts_every_val_image_once(
+        parquet_files_set, tmp_path, offline_env):
+    base = ["--dataset", parquet_files_set, *TINY, "--epochs", "0", "--probe-epochs", "0"]
+    launch("train_finetune.py", [*base, "--output-dir", tmp_path / "mem"], offline_env)
+    launch("train_finetune.py", [*base, "--streaming", "--num-workers", "2", "--output-dir",
+                                 tmp_path / "stream"], offline_env, nproc=2)
+    mem, stream = results(tmp_path / "mem"), results(tmp_path / "stream")
+    assert mem["val_samples"] == stream["val_samples"] == 17
+    assert sum(map(sum, stream["best_confusion_matrix"])) == 17
+    assert stream["best_confusion_matrix"] == mem["best_confusion_matrix"]
+    assert stream["best_val_loss"] == pytest.approx(mem["best_val_loss"], rel=1e-5)
+
+
+def test_a_val_stream_evaluated_short_is_an_error_not_a_number(parquet_files_set):
+    """The split's size (a dataset card's, or the label pass) against what was evaluated."""
+    import torch
+    from accelerate import Accelerator
+
+    from common.engine import evaluate
+    from common.errors import RunFailure
+    from common.metrics import load_metrics
+    from common.streaming import StreamDataset, StreamLoader, StreamSplit
+
+    stream = datasets.load_dataset(parquet_files_set, streaming=True)["validation"]
+    stream = stream.cast_column("image", datasets.Image(decode=False))
+    names = ["cat", "dog", "fox"]
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 3))
+    tf = lambda img: torch.zeros(3, 8, 8)  # noqa: E731
+    for size, ok in ((17, True), (18, False)):
+        split = StreamSplit(stream, size, {n: i for i, n in enumerate(names)}, None,
+                            name="validation", num_classes=3)
+        loader = StreamLoader(StreamDataset(split, tf, 0, 1), 4, 0, accelerator.device)
+        if ok:
+            assert evaluate(model, loader, load_metrics(accelerator), names,
+                            accelerator=accelerator)["samples"] == 17
+        else:
+            with pytest.raises(RunFailure, match="17 of its 18 images"):
+                evaluate(model, loader, load_metrics(accelerator), names,
+                         accelerator=accelerator)
+
+
 def results(out):
     with open(os.path.join(out, "results.json")) as fh:
         return json.load(fh)
