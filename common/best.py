@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, TYPE_CHECKING
+from typing import Iterable, Optional, TYPE_CHECKING
 
 import torch
 
+from accelerate.utils import broadcast
+from safetensors.torch import load_file, save as safetensors_bytes
+
 from common.accelerator import bare_model
-from common.export import export_model, load_predictions
-from common.metrics import compute_metrics, score
+from common.engine import evaluate
+from common.export import PREDICTIONS, export_model, load_predictions, update_export
+from common.log import logger
+from common.metrics import compute_metrics, load_metrics, score
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -75,6 +80,51 @@ class BestKeeper:
                               val_samples=val_m["samples"]), model=network.model,
                          predictions=val_m["predictions"])
         return True
+
+    def rescore_reason(self, feature_precision: Optional[str]) -> Optional[str]:
+        """Why the best evaluation was not what the exported model scores in fp32 on the val
+        images, as predict.py runs it (None: it was): bf16 features of a folded copy of the
+        backbone, an autocast evaluation, or --tta that cached features cannot apply."""
+        cached = self.network.feature_heads is not None
+        if cached and feature_precision == "bf16":
+            return "chosen on bf16 features"
+        if self.accelerator.mixed_precision != "no":
+            return f"chosen under {self.accelerator.mixed_precision} autocast"
+        if self.network.feature_heads is not None and self.cfg.tta:
+            return "chosen on features without --tta"
+        return None
+
+    def rescore(self, state: TrainState, images: Iterable, reason: str) -> dict:
+        """Evaluate best/ (every process: rank 0's file, broadcast) in fp32 on `images`, a
+        loader of the val images; its figures become the best's (state.best, best/'s
+        predictions and model.json). Returns the new val metrics."""
+        model, accelerator = self.network.model, self.accelerator
+        weights = {k: v.detach().to(accelerator.device) for k, v in model.state_dict().items()}
+        if accelerator.is_main_process:
+            saved = load_file(os.path.join(self.dir, "model.safetensors"))
+            weights = {k: saved[k].to(accelerator.device) for k in weights}
+        if accelerator.num_processes > 1:
+            weights = broadcast(weights)
+        model.load_state_dict(weights)
+        model.to(accelerator.device, memory_format=torch.contiguous_format).eval()
+        m = evaluate(model, images, load_metrics(accelerator), self.class_names,
+                     accelerator=accelerator, tta=self.cfg.tta, autocast=False,
+                     progress=False)
+        best = state.best
+        logger.info(f"best model (epoch {best.epoch}) scored as exported, fp32 on the val "
+                    f"images: accuracy {m['accuracy']:.4f} ({reason}: "
+                    f"{best.val_accuracy:.4f})")
+        chosen = best.val_accuracy
+        best.val_accuracy, best.val_loss = m["accuracy"], m["loss"]
+        best.val_macro_f1, best.val_balanced_accuracy = m["macro_f1"], m["balanced_accuracy"]
+        if accelerator.is_main_process:
+            update_export(self.dir, meta=dict(val_accuracy=m["accuracy"],
+                                              val_samples=m["samples"],
+                                              val_accuracy_when_chosen=chosen),
+                          files={PREDICTIONS: safetensors_bytes(
+                              {k: v.contiguous() for k, v in m["predictions"].items()})})
+        accelerator.wait_for_everyone()
+        return dict(m, chosen_accuracy=chosen)
 
     def _whole_state(self, module) -> dict:
         """The whole network's state with `module` (the trained module or its EMA) in it."""

@@ -265,13 +265,17 @@ def check_finite(totals: Totals, state: TrainState) -> None:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_names: list, *,
              accelerator: Optional[Accelerator] = None, tta: bool = False,
-             channels_last: bool = False, progress: bool = True) -> dict:
+             channels_last: bool = False, progress: bool = True,
+             autocast: bool = True) -> dict:
     """Exact loss/accuracy/per-class metrics over the whole eval set, on every rank.
     Per-sample results stay on the device until one gather at the end; Accelerate's padding
     repeats samples with their dataset index, so keeping one row per index counts every
     image exactly once. `accelerator` None: `loader` is this process's whole set (the
     linear probe's cached features), evaluated here alone, in the model's precision.
-    `progress`: a progress bar on the local main process."""
+    `progress`: a progress bar on the local main process. `autocast` False: in fp32 whatever
+    --mixed_precision says, as predict.py runs an exported model.
+
+    Raises RunFailure: a sized val set evaluated short (see _expected_samples)."""
     model.eval()
     device = None if accelerator else next(model.parameters()).device
     parts = []
@@ -284,7 +288,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, metrics: dict, class_name
         x, y = model_inputs(batch, channels_last)
         if x.ndim == 4:  # images (not cached features)
             guard()
-        with accelerator.autocast() if accelerator else contextlib.nullcontext():
+        with accelerator.autocast() if accelerator and autocast else contextlib.nullcontext():
             logits = model(x).float()
             if tta and x.ndim == 4:  # --tta: the average over the image and its mirror
                 logits = (logits + model(x.flip(-1)).float()) / 2

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from common.accelerator import bare_model, seed_for_training
 from common.best import BestKeeper
 from common.checkpoint import CheckpointPolicy, TrainState, restore_rng
-from common.data import Data, set_epoch
+from common.data import Data, num_workers, set_epoch
 from common.ema import ModelEma
 from common.engine import (BatchMix, StopSignal, Sums, Totals, check_finite, evaluate,
                            last_batch_remainder, make_loss, reduce_sums, train_epoch)
@@ -309,7 +309,16 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     finally:  # a notebook's next run (or its Ctrl-C) gets the handlers it had before
         stop.restore()
 
-    figures = dict(figures or {}, **(probe.figures if probe else {}),
+    figures = dict(figures or {}, **(probe.figures if probe else {}))
+    # the reported figures are the exported model's, fp32 on the val images (predict.py's)
+    reason = keeper.rescore_reason(figures.get("extract_precision"))
+    if reason:
+        images = val_loader if network.feature_heads is None else \
+            _image_loader(accelerator, cfg, data.val_images)
+        rescored = keeper.rescore(state, images, reason)
+        figures.update(best_val_accuracy_when_chosen=rescored["chosen_accuracy"],
+                       best_scored_again_because=reason)
+    figures = dict(figures,
                    first_step_seconds=first_step_seconds,
                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                      / 1024, 1))  # of the main process
@@ -318,6 +327,14 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                   global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                   wall=earlier_seconds + time.time() - started, stopped_early=stopped_early,
                   figures=figures)
+
+
+def _image_loader(accelerator, cfg, images):
+    """The val images (an ImageDataset) in batches, sharded over the processes."""
+    loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size,
+                                         num_workers=num_workers(cfg, accelerator.num_processes),
+                                         collate_fn=images.collate(False))
+    return accelerator.prepare_data_loader(loader)
 
 
 def _bar(accelerator, loader, state, total):

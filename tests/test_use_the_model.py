@@ -82,3 +82,59 @@ def test_predict_top_k_jsonl_and_console(two_runs, tmp_path, offline_env):
     assert len(lines) == 3 and all(line.count(", ") == 2 for line in lines)
     proc = run_script("predict.py", [tmp_path, "x.jpg"], offline_env)
     assert proc.returncode == 2 and "no exported model here" in proc.stderr
+
+
+def _fp32_loss_and_accuracy(best_dir, val_dir):
+    """The exported model's val loss and accuracy, fp32, computed here as predict.py
+    loads and preprocesses (no temperature)."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.data import build_transforms, image_files
+    from common.export import load_exported
+    from common.images import decode_image, decode_sizes
+
+    model, meta = load_exported(str(best_dir))
+    _, tf = build_transforms(meta["preprocessing"])
+    _, side = decode_sizes(meta["preprocessing"])
+    files = image_files(val_dir)
+    x = torch.stack([tf(decode_image(f, side)) for f in files])
+    y = torch.tensor([meta["class_names"].index(os.path.basename(os.path.dirname(f)))
+                      for f in files])
+    with torch.no_grad():
+        logits = model(x).float()
+    return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
+
+
+def test_bf16_features_report_the_exported_models_figures_and_epoch_0_is_the_extractor(
+        tmp_path, offline_env, tiny_weights):
+    """bf16 extraction (a folded bf16 copy of the backbone) trains and chooses the head; the
+    reported figures are best/'s own, fp32 on the val images: predict.py's accuracy, the
+    loss to 1e-5, and the fine-tune's epoch 0 (the probe) the extractor's model and number."""
+    data = make_image_folder(tmp_path / "data")
+    args = ["--data-dir", data, "--model", "timm:test_resnet", "--weights", tiny_weights,
+            "--batch-size", "4", "--num-workers", "0", "--report-to", "none",
+            "--extract-precision", "bf16"]
+    ext, ft = tmp_path / "ext", tmp_path / "ft"
+    launch("train_extractor.py", [*args, "--epochs", "3", "--output-dir", ext], offline_env)
+    launch("train_finetune.py", [*args, "--epochs", "1", "--probe-epochs", "3",
+                                 "--output-dir", ft], offline_env)
+    val = os.path.join(data, "val")
+    for run in (ext, ft):
+        res = json.load(open(run / "results.json"))
+        loss, accuracy = _fp32_loss_and_accuracy(run / "best", val)
+        assert res["best_val_loss"] == pytest.approx(loss, rel=1e-5), run
+        assert res["best_val_accuracy"] == pytest.approx(accuracy), run
+        out = tmp_path / f"{run.name}.csv"
+        assert run_script("predict.py", [run, val, "--output", out],
+                          offline_env).returncode == 0
+        rows = list(csv.DictReader(open(out)))
+        correct = sum(r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+        assert correct / len(rows) == pytest.approx(res["best_val_accuracy"]), run
+    extractor = json.load(open(ext / "results.json"))
+    assert extractor["extract_precision"] == "bf16" and extractor["batchnorm_folded"]
+    assert extractor["best_scored_again_because"] == "chosen on bf16 features"
+    epoch0 = json.loads(open(ft / "metrics.jsonl").readline())
+    assert epoch0["epoch"] == 0 and epoch0["stage"] == "probe"
+    assert epoch0["val_loss"] == pytest.approx(extractor["best_val_loss"], rel=1e-5)
+    assert epoch0["val_accuracy"] == extractor["best_val_accuracy"]
