@@ -99,7 +99,9 @@ class TrainState:
     #                             processes
     tracker_run_id: Optional[str] = None
     wall_seconds: float = 0.0   # time spent in earlier (interrupted) sessions
-    lr: Optional[float] = None  # the peak lr chosen by --lr auto
+    lr: Optional[float] = None  # the peak lr trained with (given, or found by --lr auto)
+    class_names: Optional[list] = None   # the labels' names, in label order
+    data_identity: Optional[str] = None  # digest of the train and val images' identities
     # the world `batches_done` and `step` were counted in
     num_processes: int = 1
     batch_size: int = 0
@@ -417,16 +419,22 @@ def _optimizer_kind(state_dict):
     return "adamw" if "betas" in state_dict["param_groups"][0] else "sgd"
 
 
+def check_optimizer(ckpt: Checkpoint, ours: str) -> None:
+    """Torch would load another optimiser's state, then fail at the first step on a missing
+    key. Raises UserError naming the flag."""
+    saved = _optimizer_kind(ckpt.optimizer)
+    if saved != ours:
+        raise UserError(f"--resume-from-checkpoint {ckpt.path}: it holds {saved}'s state and "
+                        f"this run trains with {ours}: resume with --optimizer {saved}")
+
+
 def apply_checkpoint(accelerator: Accelerator, ckpt: Checkpoint, model: nn.Module,
                      optimizer: torch.optim.Optimizer) -> None:
     """Load the parsed tensors into the (prepared) model and optimiser, and the scaler. The
     gradient-accumulation counter restarts: checkpoints are only taken right after an
     optimiser step."""
     bare_model(accelerator, model).load_state_dict(ckpt.model)
-    saved, ours = _optimizer_kind(ckpt.optimizer), _optimizer_kind(optimizer.state_dict())
-    if saved != ours:  # torch would load it, then fail at the first step on a missing key
-        raise UserError(f"--resume-from-checkpoint {ckpt.path}: it holds {saved}'s state and "
-                        f"this run trains with {ours}: resume with --optimizer {saved}")
+    check_optimizer(ckpt, _optimizer_kind(optimizer.state_dict()))
     optimizer.load_state_dict(ckpt.optimizer)
     if accelerator.scaler is not None and ckpt.scaler:
         accelerator.scaler.load_state_dict(ckpt.scaler)

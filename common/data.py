@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import multiprocessing as mp
 import os
@@ -35,7 +36,7 @@ from torchvision.transforms import v2
 from common.download import bundled_hymenoptera, ensure_hymenoptera
 from common.errors import UserError
 from common.hardware import launcher_chose_cpu
-from common.imagecheck import drop_unreadable
+from common.imagecheck import drop_unreadable, identity_digest
 from common.images import decode_image, decode_sizes, seeded
 from common.labels import check_label_range, labels_of, unknown_labels
 from common.log import logger
@@ -567,6 +568,15 @@ def default_num_workers(num_processes: int) -> int:
     return max(0, min(8, (cores - num_processes * per_process) // max(1, num_processes)))
 
 
+def data_identity(data: Data) -> Optional[str]:
+    """A digest of the train and val images' identities (each file's path, size and mtime,
+    or the dataset's fingerprint: imagecheck.identity_digest), or None for a stream."""
+    splits = [getattr(d, "split", None) for d in (data.train_images, data.val_images)]
+    if not all(isinstance(s, datasets.Dataset) for s in splits):
+        return None
+    return hashlib.sha256("|".join(map(identity_digest, splits)).encode()).hexdigest()[:32]
+
+
 def num_workers(cfg: TrainConfig, num_processes: int) -> int:
     return cfg.num_workers if cfg.num_workers >= 0 else default_num_workers(num_processes)
 
@@ -620,6 +630,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
             splits = load_streaming(cfg, cfg.dataset, VAL_SPLIT_FALLBACKS)
         _arrow_memory_back(previous_pool)  # as below
         keep_host_memory(accelerator.device)
+        _two_classes_at_least(splits[2], cfg)
         return splits
     if cfg.dataset:
         with accelerator.main_process_first():  # one process fills the datasets cache
@@ -634,6 +645,7 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
                                             else io.StringIO()):
                 data_dir = bundled_hymenoptera()
         train, val, classes = load_image_folder(data_dir, cfg.val_fraction, cfg.seed)
+    _two_classes_at_least(classes, cfg)
     # each process checks a shard, the verdicts are shared and cached (common/imagecheck.py)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = max(1, cores // accelerator.num_processes)
@@ -646,6 +658,15 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
     # loading: the conversion's freed buffers would stay in the heap for the whole run)
     keep_host_memory(accelerator.device)
     return train, val, classes
+
+
+def _two_classes_at_least(classes: list, cfg: TrainConfig) -> None:
+    """One class trains to loss 0 and scores 1.0 on anything: not a classifier."""
+    if len(classes) < 2:
+        where = f"--dataset {cfg.dataset}" if cfg.dataset else \
+            f"--data-dir {cfg.data_dir or 'the bundled data'}"
+        raise UserError(f"{where}: {len(classes)} class ({', '.join(map(str, classes))}); a "
+                        "classifier needs at least 2 (one folder, or one label value, each)")
 
 
 def _arrow_memory_that_returns():

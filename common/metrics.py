@@ -41,13 +41,15 @@ def load_metrics(accelerator: Optional[Accelerator] = None) -> dict:
 def compute_metrics(metrics: dict, predictions: torch.Tensor, references: torch.Tensor,
                     class_names: list) -> dict:
     """accuracy, macro F1, balanced accuracy (mean per-class recall), and per-class
-    precision/recall/F1 + confusion matrix."""
+    precision/recall/F1/val_images + confusion matrix. The averages leave out the classes
+    with no image in `references`."""
     predictions, references = predictions.tolist(), references.tolist()
     acc = metrics["accuracy"].compute(predictions=predictions, references=references)
     pc = metrics["per_class"].compute(predictions=predictions, references=references,
                                       num_classes=len(class_names))
     per_class = {name: {"precision": pc["precision"][i], "recall": pc["recall"][i],
-                        "f1": pc["f1"][i]} for i, name in enumerate(class_names)}
+                        "f1": pc["f1"][i], "val_images": pc["support"][i]}
+                 for i, name in enumerate(class_names)}
     return {"accuracy": acc["accuracy"], "macro_f1": pc["macro_f1"],
             "balanced_accuracy": pc["macro_recall"], "per_class": per_class,
             "confusion_matrix": pc["confusion_matrix"]}

@@ -54,6 +54,13 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data
         final_val_accuracy=val_m["accuracy"], final_val_loss=val_m["loss"],
         class_names=data.class_names, best_val_per_class=per_class,
         best_confusion_matrix=confusion, **figures)
+    if per_class is not None:  # (main process)
+        missing = [c for c, d in per_class.items() if not d["val_images"]]
+        if missing:
+            results["classes_without_val_images"] = missing
+            logger.warning(f"no val image of {len(missing)} class(es) ({', '.join(missing[:8])}"
+                           f"{', ...' if len(missing) > 8 else ''}): balanced accuracy and "
+                           "macro-F1 average over the other classes")
     set_summary(accelerator, {k: results[k] for k in ("best_val_accuracy", "best_val_loss",
                                                       "best_val_macro_f1", "best_epoch")})
     if accelerator.is_main_process:

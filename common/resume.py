@@ -12,11 +12,12 @@ the new global batches; otherwise the run refuses, naming an epoch-end checkpoin
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, TYPE_CHECKING
 
-from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, load_checkpoint,
-                               restore_best, set_aside_later_checkpoints)
+from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, check_optimizer,
+                               load_checkpoint, restore_best, set_aside_later_checkpoints)
 from common.errors import UserError
 from common.files import read_jsonl, write_csv, write_jsonl
 from common.log import logger
@@ -38,6 +39,36 @@ def read_resume(accelerator: Accelerator, cfg: TrainConfig,
         return None
     return load_checkpoint(cfg.resume_from_checkpoint, output_dir,
                            keep_best=accelerator.is_main_process)  # only it restores best/
+
+
+def check_resumed_run(cfg: TrainConfig, ckpt: Checkpoint, class_names: list,
+                      data_identity: Optional[str]) -> Optional[float]:
+    """A checkpoint must resume on the classes it was trained on, in the same order (labels
+    are positions in that list), at the peak lr it trained with. Returns that lr (None when
+    the checkpoint does not record one). `data_identity`: this run's (main process; None
+    elsewhere): images changed since the checkpoint are said, not refused.
+
+    Raises UserError: other class names or order; a --lr other than the checkpoint's."""
+    state, where = ckpt.state, f"--resume-from-checkpoint {ckpt.path}"
+    check_optimizer(ckpt, cfg.optimizer)  # first: another optimiser has another default lr
+    if state.class_names is not None and list(state.class_names) != list(class_names):
+        def listed(names):
+            return ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+        raise UserError(f"{where}: it was trained on the classes [{listed(state.class_names)}]"
+                        f" and this data has [{listed(class_names)}]; its labels would not "
+                        "mean the same classes: resume on the data it was trained on, or "
+                        "start without it")
+    if data_identity and state.data_identity and data_identity != state.data_identity:
+        logger.warning(f"{where}: the images are not those it was trained on (files added, "
+                       "removed or changed since); resuming on these")
+    if state.lr is not None and cfg.lr != "auto" and not math.isclose(cfg.lr, state.lr):
+        raise UserError(f"{where}: it trains at peak lr {state.lr:g} and --lr is {cfg.lr:g}; "
+                        f"resume with --lr {state.lr:g} (or --lr auto, which takes the "
+                        "checkpoint's)")
+    if state.lr is None and cfg.lr == "auto":
+        raise UserError(f"{where}: it does not record the lr it trained with; resume with "
+                        "the --lr it was started with")
+    return state.lr
 
 
 def convert_progress(accelerator: Accelerator, cfg: TrainConfig, state: TrainState, loader_len: int,

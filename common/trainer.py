@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from common.accelerator import bare_model, seed_for_training
 from common.best import BestKeeper
 from common.checkpoint import CheckpointPolicy, TrainState, restore_rng
-from common.data import Data, num_workers, set_epoch
+from common.data import Data, data_identity, num_workers, set_epoch
 from common.ema import ModelEma
 from common.engine import (BatchMix, StopSignal, Sums, Totals, check_finite, evaluate,
                            last_batch_remainder, make_loss, reduce_sums, train_epoch)
@@ -45,7 +45,7 @@ from common.optim import build_scheduler, group_lrs, set_peak_lr
 from common.phase import Phase, rewrap_ddp
 from common.probe import Probe
 from common.report import finish
-from common.resume import apply_resume, read_resume
+from common.resume import apply_resume, check_resumed_run, read_resume
 from common.tracking import log_metrics, log_pictures, start_run, tracker_run_id
 from common.viz import augmentation_preview_png
 
@@ -103,14 +103,21 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     loss_fn = make_loss(cfg.label_smoothing, data.class_weights)
     mix = BatchMix(cfg.mixup, cfg.cutmix, len(data.class_names), cfg.seed) \
         if cfg.mixup or cfg.cutmix else None
+    identity = data_identity(data) if accelerator.is_main_process else None
+    if ckpt:  # the same classes, in the same order, at the lr it trained with
+        check_resumed_run(cfg, ckpt, data.class_names, identity)
+    found = None
     if not ckpt and (cfg.find_lr or cfg.lr == "auto"):
-        state.lr = _lr_range_test(accelerator, cfg, network, phase, model, optimizer,
-                                  train_loader, loss_fn, mix, probe, output_dir)
+        found = _lr_range_test(accelerator, cfg, network, phase, model, optimizer,
+                               train_loader, loss_fn, mix, probe, output_dir)
         if cfg.find_lr and cfg.lr != "auto":  # --find-lr alone: report and stop
             accelerator.end_training()
-            return {"suggested_lr": state.lr}
-    if state.lr:
-        set_peak_lr(optimizer, state.lr)  # before the schedule: it takes the peaks as built
+            return {"suggested_lr": found}
+    if not ckpt:
+        state.lr = found if found is not None else cfg.lr
+        state.class_names, state.data_identity = list(data.class_names), identity
+    # before the schedule: it takes the peaks as built (--lr auto's placeholder replaced)
+    set_peak_lr(optimizer, state.lr)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEma(bare_model(accelerator, model), cfg.model_ema_decay) if cfg.model_ema \
         else None
@@ -410,7 +417,8 @@ def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_ep
                 f"{len(data.class_names)} classes; {accelerator.num_processes} "
                 f"process(es), {accelerator.mixed_precision} precision, global batch "
                 f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
-    config = dict(vars(cfg), lr_found=state.lr, script=cfg.script,
+    config = dict(vars(cfg), lr_found=state.lr if cfg.lr == "auto" else None,
+                  script=cfg.script,
                   num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=n_train, val_samples=n_val,

@@ -27,5 +27,5 @@ def test_accuracy_and_per_class_metrics(metrics):
 
 def test_class_never_predicted_gets_zero_not_nan(metrics):
     m = compute_metrics(metrics, torch.tensor([0, 0]), torch.tensor([0, 1]), ["a", "b"])
-    assert m["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert m["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "val_images": 1}
     assert m["accuracy"] == 0.5

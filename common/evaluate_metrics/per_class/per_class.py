@@ -1,7 +1,9 @@
 """Per-class precision, recall, F1 and the confusion matrix, as a local `evaluate` module.
 
 The confusion matrix is indexed [true class][predicted class]. A class with no predictions
-(or no references) gets precision (or recall) 0.0, as scikit-learn's zero_division=0.
+(or no references) gets precision (or recall) 0.0, as scikit-learn's zero_division=0. The
+macro averages are over the classes with references (`support` > 0): a class absent from
+the evaluated set has no recall to average, and counting it as 0 would only say it is absent.
 """
 
 import datasets
@@ -16,7 +18,8 @@ Args:
     num_classes (int): number of classes (rows/columns of the confusion matrix).
 Returns:
     precision, recall, f1 (list of float, one per class), macro_precision, macro_recall,
-    macro_f1 (float), confusion_matrix (list of lists of int).
+    macro_f1 (float, over the classes with references), support (list of int: references
+    per class), confusion_matrix (list of lists of int).
 """
 
 
@@ -38,6 +41,12 @@ class PerClass(evaluate.Metric):
         recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
         denom = precision + recall
         f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+        present = actual > 0
+
+        def mean(values):
+            return float(values[present].mean()) if present.any() else 0.0
+
         return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-                "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()),
-                "macro_f1": float(f1.mean()), "confusion_matrix": cm.tolist()}
+                "macro_precision": mean(precision), "macro_recall": mean(recall),
+                "macro_f1": mean(f1), "support": actual.tolist(),
+                "confusion_matrix": cm.tolist()}

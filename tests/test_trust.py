@@ -1,0 +1,101 @@
+"""Numbers a run reports are its model's, and a resume cannot silently change what they
+mean: checkpoints resume only on the classes and lr they were trained with; one class is
+refused; a class absent from val is left out of the averages, and said."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import launch, make_image_folder, run_script
+from test_bad_input import assert_one_line_error
+
+EXTRACT = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
+           "--num-workers", "0", "--report-to", "none", "--epochs", "3",
+           "--checkpointing-steps", "epoch", "--checkpoints-total-limit", "0",
+           "--extract-precision", "fp32", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def extractor_run(tmp_path_factory, offline_env):
+    """An extractor run at a fixed --lr 0.05, checkpointed at every epoch."""
+    root = tmp_path_factory.mktemp("trust")
+    data = make_image_folder(root / "data")
+    out = root / "run"
+    launch("train_extractor.py", ["--data-dir", data, *EXTRACT, "--lr", "0.05",
+                                  "--output-dir", out], offline_env)
+    return data, out, json.load(open(out / "results.json"))
+
+
+def _epoch_1(out):
+    return sorted((out / "checkpoints").glob("step-*"))[0]
+
+
+def test_resume_on_classes_renamed_or_reordered_is_refused_in_one_line(
+        extractor_run, tmp_path, offline_env):
+    data, out, _ = extractor_run
+    moved = tmp_path / "data"
+    shutil.copytree(data, moved)
+    for split in ("train", "val"):  # the same count of classes, another order of names
+        os.rename(moved / split / "cat", moved / split / "zebra")
+    proc = run_script("train_extractor.py", [
+        "--data-dir", moved, *EXTRACT, "--lr", "0.05", "--output-dir", tmp_path / "r",
+        "--resume-from-checkpoint", _epoch_1(out)], offline_env)
+    assert_one_line_error(proc, "trained on the classes [cat, dog, fox]",
+                          "this data has [dog, fox, zebra]")
+
+
+def test_resume_on_changed_images_says_so_and_goes_on(extractor_run, tmp_path, offline_env):
+    data, out, _ = extractor_run
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    shutil.copy(changed / "train" / "cat" / "0.jpg", changed / "train" / "cat" / "extra.jpg")
+    proc = launch("train_extractor.py", [
+        "--data-dir", changed, *EXTRACT, "--lr", "0.05", "--output-dir", tmp_path / "r",
+        "--resume-from-checkpoint", _epoch_1(out)], offline_env)
+    assert "the images are not those it was trained on" in proc.stdout + proc.stderr
+
+
+def test_resume_with_lr_auto_trains_at_the_checkpoints_lr_and_a_changed_lr_is_refused(
+        extractor_run, tmp_path, offline_env):
+    data, out, full = extractor_run
+    resumed = tmp_path / "r"
+    launch("train_extractor.py", ["--data-dir", data, *EXTRACT, "--lr", "auto",
+                                  "--output-dir", resumed,
+                                  "--resume-from-checkpoint", _epoch_1(out)], offline_env)
+    res = json.load(open(resumed / "results.json"))
+    assert res["lr"] == 0.05
+    for key in ("final_val_accuracy", "best_val_accuracy", "best_epoch"):
+        assert res[key] == full[key], key
+    assert res["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
+    proc = run_script("train_extractor.py", [
+        "--data-dir", data, *EXTRACT, "--lr", "0.1", "--output-dir", tmp_path / "r2",
+        "--resume-from-checkpoint", _epoch_1(out)], offline_env)
+    assert_one_line_error(proc, "peak lr 0.05 and --lr is 0.1", "--lr auto")
+
+
+def test_a_single_class_is_refused_before_any_work(tmp_path, offline_env):
+    data = make_image_folder(tmp_path / "data", classes=("cat",))
+    proc = run_script("train_finetune.py", ["--data-dir", data, *EXTRACT,
+                                            "--output-dir", tmp_path / "r"], offline_env)
+    assert_one_line_error(proc, f"--data-dir {data}: 1 class (cat)", "at least 2")
+
+
+def test_a_class_without_val_images_is_left_out_of_the_averages_and_named(
+        tmp_path, offline_env):
+    data = make_image_folder(tmp_path / "data")
+    shutil.rmtree(os.path.join(data, "val", "fox"))
+    os.makedirs(os.path.join(data, "val", "fox"))  # the folder stays: same classes
+    out = tmp_path / "r"
+    proc = launch("train_extractor.py", ["--data-dir", data, *EXTRACT, "--output-dir", out],
+                  offline_env)
+    res = json.load(open(out / "results.json"))
+    assert res["classes_without_val_images"] == ["fox"]
+    assert "no val image of 1 class(es) (fox)" in proc.stdout + proc.stderr
+    per_class = res["best_val_per_class"]
+    assert per_class["fox"]["val_images"] == 0
+    recalls = [per_class[c]["recall"] for c in ("cat", "dog")]
+    assert res["best_val_balanced_accuracy"] == pytest.approx(sum(recalls) / 2)
+    f1s = [per_class[c]["f1"] for c in ("cat", "dog")]
+    assert res["best_val_macro_f1"] == pytest.approx(sum(f1s) / 2)
