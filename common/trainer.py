@@ -311,7 +311,13 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                     f"better than epoch {state.best.epoch}'s for {cfg.patience} epochs "
                     "(--patience)")
                 break
-        if val_m is None:  # resumed from a checkpoint taken after the last epoch
+        if state.best is None:  # a time box resumed at its end, its evaluation not yet kept
+            row = {"epoch": state.epoch + 1, "stage": stage(state.epoch)}
+            if state.batches_done:  # the partial epoch's row, as the first session wrote it
+                row.update({f"train_{k}": v for k, v in state.train_sums.metrics().items()},
+                           partial=True)
+            val_m = evaluate_and_keep(row, time.time())
+        elif val_m is None:  # resumed from a checkpoint taken after the last epoch
             val_m = evaluate_on_val(model)
     finally:  # a notebook's next run (or its Ctrl-C) gets the handlers it had before
         stop.restore()

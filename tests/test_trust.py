@@ -11,10 +11,10 @@ import pytest
 from conftest import launch, make_image_folder, run_script
 from test_bad_input import assert_one_line_error
 
-EXTRACT = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
-           "--num-workers", "0", "--report-to", "none", "--epochs", "3",
-           "--checkpointing-steps", "epoch", "--checkpoints-total-limit", "0",
-           "--extract-precision", "fp32", "--seed", "3"]
+TINY = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
+        "--num-workers", "0", "--report-to", "none"]
+EXTRACT = [*TINY, "--epochs", "3", "--checkpointing-steps", "epoch",
+           "--checkpoints-total-limit", "0", "--extract-precision", "fp32", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,32 @@ def test_a_class_without_val_images_is_left_out_of_the_averages_and_named(
     assert res["best_val_balanced_accuracy"] == pytest.approx(sum(recalls) / 2)
     f1s = [per_class[c]["f1"] for c in ("cat", "dog")]
     assert res["best_val_macro_f1"] == pytest.approx(sum(f1s) / 2)
+
+
+@pytest.mark.parametrize("script, flags", [("train_extractor.py", []),
+                                           ("train_finetune.py", ["--probe-epochs", "0"])])
+def test_a_time_box_resumed_at_its_end_evaluates_and_ends_with_its_results(
+        tmp_path, offline_env, script, flags):
+    """--max-train-steps 3 stops inside epoch 1 and checkpoints before its evaluation, so
+    the checkpoint holds no best model yet: resumed with the same box (twice), the run
+    evaluates where it stands and ends with the first session's results."""
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--data-dir", data, *TINY, "--epochs", "3", *flags, "--max-train-steps", "3",
+            "--output-dir", out]
+    launch(script, args, offline_env)
+    first = json.load(open(out / "results.json"))
+    first_rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert first["optimizer_steps"] == 3 and first_rows[-1]["partial"]
+    for _ in range(2):
+        launch(script, [*args, "--resume-from-checkpoint", "latest"], offline_env)
+        again = json.load(open(out / "results.json"))
+        for key in ("best_val_accuracy", "best_epoch", "optimizer_steps",
+                    "best_confusion_matrix"):
+            assert again[key] == first[key], key
+        assert again["best_val_loss"] == pytest.approx(first["best_val_loss"], rel=1e-6)
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        assert [(r["epoch"], r.get("partial")) for r in rows] == \
+            [(r["epoch"], r.get("partial")) for r in first_rows]
+        assert rows[-1]["train_loss"] == pytest.approx(first_rows[-1]["train_loss"])
+        assert os.path.isfile(out / "best" / "model.safetensors")
