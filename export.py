@@ -34,6 +34,7 @@ from common.data import build_transforms, image_files
 from common.images import to_rgb
 from common.download import BUNDLED_HYMENOPTERA
 from common.errors import UserError, cli
+from common.files import file_written_atomically
 from common.export import ONNX_META_KEY, OnnxModel, load_exported
 
 
@@ -111,10 +112,12 @@ def main(argv=None):
     files = _check_images(run_dir, args.images, args.check)
     x = _batch(files, meta["preprocessing"])
     exporter = export_onnx if args.format == "onnx" else export_torchscript
-    with warnings.catch_warnings():  # torch's notes that these exporters are the older ones:
-        warnings.simplefilter("ignore", DeprecationWarning)  # chosen on purpose (docstring)
+    # a new file renamed over the old one: never written through a link someone left there
+    with warnings.catch_warnings(), file_written_atomically(output, "--output") as tmp:
+        # torch's notes that these exporters are the older ones: chosen on purpose (docstring)
+        warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        exported = exporter(model, meta, x, output)
+        exported = exporter(model, meta, x, tmp)
     with torch.no_grad():
         ref, got = model(x).float(), exported(x).float()
     t = meta.get("temperature") or 1.0

@@ -9,13 +9,16 @@ rename first, and the file is there after a reboot, empty or cut short. So every
 fsync'ed before its rename, and its folder after (which makes the rename itself durable).
 """
 
+import contextlib
 import csv
 import io
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
+
+from common.errors import UserError
 
 
 def _umask():
@@ -54,6 +57,36 @@ def fsync_tree(path: str) -> None:
             finally:
                 os.close(fd)
         fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def file_written_atomically(path: str, what: str = "") -> Iterator[str]:
+    """A new temporary file's name in `path`'s folder, for a writer that takes a path (an
+    exporter); when the block ends, the file is synced and renamed over `path`. A `path`
+    that is a symbolic link, or whose folder is one, is refused: writing there would write
+    through it, wherever it points (a run folder from elsewhere).
+
+    Raises UserError: a link at `path` or its folder (`what` names the flag or file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for p in (path, folder):
+        if os.path.islink(p):
+            raise UserError(f"{what or path}: {p} is a symbolic link; refusing to write "
+                            "through it (remove the link, or write elsewhere)")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        usual_mode(tmp)
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_text(path: str, text: str) -> None:
