@@ -159,7 +159,8 @@ def _write_manifest(ckpt):
                    for d, _, fs in os.walk(ckpt) for f in fs)
     write_json(os.path.join(ckpt, MANIFEST),
                {"written_by": "transfer-learning", "format": FORMAT,
-                "files": {f: _sha256(os.path.join(ckpt, f)) for f in files}})
+                "files": {f: _sha256(os.path.join(ckpt, f)) for f in files},
+                "sizes": {f: os.path.getsize(os.path.join(ckpt, f)) for f in files}})
 
 
 def _complete_checkpoints(root):
@@ -222,10 +223,8 @@ def resolve_checkpoint(arg: str, output_dir: str) -> str:
         path = arg
     else:
         root = os.path.join(output_dir, CHECKPOINTS)
-        name = None
-        if os.path.isfile(os.path.join(root, "latest")):
-            with open(os.path.join(root, "latest")) as fh:
-                name = fh.read().strip()
+        pointer = _read_inside(root, "latest", max_size=64) if os.path.isdir(root) else None
+        name = pointer.decode("utf-8", "replace").strip() if pointer else None
         if not name or not STEP_NAME.fullmatch(name) or \
                 not os.path.isfile(os.path.join(root, name, MANIFEST)):
             done = _complete_checkpoints(root)  # the pointer is written last: fall back
@@ -266,23 +265,34 @@ def _refuse(path, rel, why, damaged=True):
     return error
 
 
-def _read_inside(path, rel):
+MANIFEST_MAX_BYTES = 16 << 20  # names and digests of a few dozen files: far below this
+SIZE_DIFFERS = "size differs"  # _read_inside: not the size the manifest declares
+
+
+def _read_inside(path, rel, size=None, max_size=None):
     """The bytes of the regular file `rel` inside the folder `path`; None when it is absent,
-    False when it, or its folder (best/), is a symbolic link or not a regular file: a link
-    could name any file on the machine."""
+    False when it, or its folder (best/), is a symbolic link or not a regular file (a link
+    could name any file on the machine; a FIFO or a device would block or read without
+    end), or over `max_size`; SIZE_DIFFERS when its size is not `size` (None: any size).
+    The size is known before a byte is read. Opened without blocking: opening a FIFO waits
+    for a writer otherwise."""
     folder = os.path.dirname(rel)
     if folder and os.path.islink(os.path.join(path, folder)):
         return False
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(os.path.join(path, rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(os.path.join(path, rel), flags)
     except FileNotFoundError:
         return None
     except OSError:  # ELOOP: a symbolic link
         return False
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # a FIFO or device would hang
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or (max_size is not None and st.st_size > max_size):
             return False
-        return fh.read()
+        if size is not None and st.st_size != size:
+            return SIZE_DIFFERS
+        return fh.read(st.st_size)
 
 
 def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
@@ -291,11 +301,14 @@ def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
     `keep_best`: keep the bytes of best/ (the main process restores it); other processes
     only check them, so that every process takes or refuses the same checkpoint."""
     try:
-        with open(os.path.join(path, MANIFEST)) as fh:
-            manifest = json.load(fh)
-        files = manifest["files"]
-        assert isinstance(files, dict) and manifest.get("format") == FORMAT
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        data = _read_inside(path, MANIFEST, max_size=MANIFEST_MAX_BYTES)
+        if data is False:
+            raise ValueError("not a regular file of a manifest's size")
+        manifest = json.loads(data.decode("utf-8"))
+        files, sizes = manifest["files"], manifest.get("sizes", {})
+        assert isinstance(files, dict) and isinstance(sizes, dict) and \
+            manifest.get("format") == FORMAT
+    except (AttributeError, ValueError, KeyError, TypeError, AssertionError, RecursionError):
         raise DamagedCheckpoint(f"--resume-from-checkpoint {path}: not a checkpoint written "
                                 f"by these scripts (no valid {MANIFEST} of format {FORMAT})"
                                 ) from None
@@ -304,11 +317,16 @@ def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
         if _checked_name(rel) is None:
             raise _refuse(path, repr(rel)[:120], "is not a file name a checkpoint holds",
                           damaged=False)  # made, not damaged: never fall back past it
-        raw[rel] = _read_inside(path, rel)
+        size = sizes.get(rel)
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise _refuse(path, MANIFEST, f"declares no valid size for {rel}")
+        raw[rel] = _read_inside(path, rel, size)
         if raw[rel] is None:
             raise _refuse(path, rel, "is missing")
         if raw[rel] is False:
             raise _refuse(path, rel, "is a link or not a regular file")
+        if raw[rel] is SIZE_DIFFERS:  # refused unread: no file is read past its size
+            raise _refuse(path, rel, "changed since it was written")
         if not isinstance(digest, str) or hashlib.sha256(raw[rel]).hexdigest() != digest:
             raise _refuse(path, rel, "changed since it was written")
         if rel.startswith("best/") and not keep_best:
@@ -352,7 +370,12 @@ def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
         legacy = legacy_predictions(doc["train_state"].get("best"))
         if legacy is not None:
             best[PREDICTIONS] = save_safetensors_bytes(legacy)  # restored into best/ as now
-    return Checkpoint(path=path, state=TrainState.from_dict(doc["train_state"]),
+    try:
+        state = TrainState.from_dict(doc["train_state"])
+    except (AttributeError, TypeError, ValueError, KeyError) as e:
+        raise _refuse(path, "train_state.json", f"holds a train state of another shape "
+                      f"({type(e).__name__})") from None
+    return Checkpoint(path=path, state=state,
                       model=parse("model.safetensors", "safetensors"),
                       optimizer=parse("optimizer.pt", "torch"), scaler=doc.get("scaler"),
                       rng=rng, best=best, extra=extra)

@@ -16,9 +16,12 @@ import math
 import os
 from typing import Optional, TYPE_CHECKING
 
+from accelerate.utils import broadcast_object_list
+
 from common.checkpoint import (Checkpoint, TrainState, apply_checkpoint, check_optimizer,
-                               load_checkpoint, restore_best, set_aside_later_checkpoints)
-from common.errors import UserError
+                               load_checkpoint, read_checkpoint, restore_best,
+                               set_aside_later_checkpoints)
+from common.errors import RunFailure, UserError
 from common.files import read_jsonl, write_csv, write_jsonl
 from common.log import logger
 from common.optim import position_scheduler
@@ -37,8 +40,24 @@ def read_resume(accelerator: Accelerator, cfg: TrainConfig,
     """The checkpoint named by --resume-from-checkpoint, read and checked (not applied)."""
     if not cfg.resume_from_checkpoint:
         return None
-    return load_checkpoint(cfg.resume_from_checkpoint, output_dir,
-                           keep_best=accelerator.is_main_process)  # only it restores best/
+    if accelerator.num_processes == 1:
+        return load_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    # the main process chooses (`latest` and its fallback past a damaged checkpoint) and
+    # the others read its choice: processes that chose alone could resume different steps
+    choice = [None, None]  # the folder, or the error that refused every candidate
+    if accelerator.is_main_process:
+        try:
+            ckpt = load_checkpoint(cfg.resume_from_checkpoint, output_dir)
+            choice[0] = ckpt.path
+        except (UserError, RunFailure) as e:
+            choice[1] = (type(e) is UserError, str(e))
+    broadcast_object_list(choice)
+    if choice[1] is not None:
+        user_error, message = choice[1]
+        raise (UserError if user_error else RunFailure)(message)
+    if accelerator.is_main_process:
+        return ckpt
+    return read_checkpoint(choice[0], keep_best=False)  # only the main one restores best/
 
 
 def check_resumed_run(cfg: TrainConfig, ckpt: Checkpoint, class_names: list,

@@ -58,3 +58,95 @@ def test_export_refuses_a_best_folder_that_is_a_link(run, tmp_path, offline_env)
     proc = run_script("export.py", [mine, "--format", "onnx"], offline_env)
     assert_one_line_error(proc, "is a symbolic link")
     assert not (elsewhere / "model.onnx").exists()
+
+
+def _in_time(function, *args, seconds=20):
+    """function(*args)'s result or exception, failing the test if it has not returned in
+    `seconds` (a FIFO opened for reading blocks until a writer comes)."""
+    import threading
+
+    out = {}
+
+    def call():
+        try:
+            out["value"] = function(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} still blocked after {seconds} s"
+    return out
+
+
+def _checkpoints(mine):
+    return sorted((mine / "checkpoints").glob("step-*"))
+
+
+def test_a_manifest_that_is_a_fifo_a_device_or_too_deep_is_refused_at_once(run, tmp_path):
+    from common.checkpoint import read_checkpoint
+    from common.errors import UserError
+
+    _, mine = _copy(run, tmp_path)
+    ckpt = _checkpoints(mine)[-1]
+    os.remove(ckpt / "manifest.json")
+    os.mkfifo(ckpt / "manifest.json")
+    out = _in_time(read_checkpoint, str(ckpt))
+    assert isinstance(out.get("error"), UserError), out
+    assert "not a checkpoint written by these scripts" in str(out["error"])
+    os.remove(ckpt / "manifest.json")
+    os.symlink("/dev/zero", ckpt / "manifest.json")
+    out = _in_time(read_checkpoint, str(ckpt))
+    assert "not a checkpoint written by these scripts" in str(out.get("error")), out
+    os.remove(ckpt / "manifest.json")
+    (ckpt / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    out = _in_time(read_checkpoint, str(ckpt))
+    assert "not a checkpoint written by these scripts" in str(out.get("error")), out
+
+
+def test_a_checkpoint_file_that_is_a_fifo_or_larger_than_declared_is_refused_unread(
+        run, tmp_path):
+    from common.checkpoint import read_checkpoint
+
+    _, mine = _copy(run, tmp_path)
+    ckpt = _checkpoints(mine)[-1]
+    os.remove(ckpt / "optimizer.pt")
+    os.mkfifo(ckpt / "optimizer.pt")
+    out = _in_time(read_checkpoint, str(ckpt))
+    assert "optimizer.pt is a link or not a regular file" in str(out.get("error")), out
+    _, mine = _copy(run, tmp_path / "b")
+    ckpt = _checkpoints(mine)[-1]
+    with open(ckpt / "model.safetensors", "ab") as fh:  # grown past its declared size
+        fh.write(b"\0" * 4096)
+    out = _in_time(read_checkpoint, str(ckpt))
+    assert "model.safetensors changed since it was written" in str(out.get("error")), out
+
+
+def test_a_train_state_of_another_shape_is_one_line_and_latest_falls_back_past_it(
+        run, tmp_path, offline_env):
+    import hashlib
+
+    data, mine = _copy(run, tmp_path)
+    newest = _checkpoints(mine)[-1]
+    doc = json.load(open(newest / "train_state.json"))
+    doc["train_state"]["best"] = [1, 2]  # a list where a mapping belongs
+    raw = json.dumps(doc).encode()
+    (newest / "train_state.json").write_bytes(raw)
+    manifest = json.load(open(newest / "manifest.json"))  # made to match, as anyone can
+    manifest["files"]["train_state.json"] = hashlib.sha256(raw).hexdigest()
+    manifest["sizes"]["train_state.json"] = len(raw)
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    bad = tmp_path / "bad"
+    shutil.copytree(newest, bad)
+    proc = launch("train_extractor.py", ["--data-dir", data, *TINY, "--epochs", "2",
+                                         "--checkpointing-steps", "epoch", "--output-dir",
+                                         mine, "--resume-from-checkpoint", "latest"],
+                  offline_env)
+    assert (f"{newest.name} is damaged (train_state.json holds a train state of another "
+            "shape (AttributeError)); resuming from the checkpoint before it") in proc.stdout
+    proc = run_script("train_extractor.py", ["--data-dir", data, *TINY, "--epochs", "2",
+                                             "--output-dir", tmp_path / "x",
+                                             "--resume-from-checkpoint", bad], offline_env)
+    assert_one_line_error(proc, "train_state.json holds a train state of another shape",
+                          status=1)

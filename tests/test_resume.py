@@ -157,6 +157,7 @@ def _rewrite_manifest(ckpt):
     manifest = json.load(open(ckpt / "manifest.json"))
     for rel in manifest["files"]:
         manifest["files"][rel] = hashlib.sha256((ckpt / rel).read_bytes()).hexdigest()
+        manifest["sizes"][rel] = (ckpt / rel).stat().st_size
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
