@@ -37,7 +37,6 @@ import os
 import random
 import re
 import shutil
-import stat
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -54,7 +53,8 @@ from common.best import Best, legacy_predictions
 from common.engine import Totals
 from common.errors import RunFailure, UserError
 from common.export import PREDICTIONS, cpu_state_dict
-from common.files import link_or_copy, replace_dir, usual_mode, write_json, write_text
+from common.files import (SIZE_DIFFERS, link_or_copy, read_regular_file, replace_dir,
+                          usual_mode, write_json, write_text)
 from common.log import logger
 
 
@@ -223,7 +223,7 @@ def resolve_checkpoint(arg: str, output_dir: str) -> str:
         path = arg
     else:
         root = os.path.join(output_dir, CHECKPOINTS)
-        pointer = _read_inside(root, "latest", max_size=64) if os.path.isdir(root) else None
+        pointer = read_regular_file(root, "latest", max_size=64) if os.path.isdir(root) else None
         name = pointer.decode("utf-8", "replace").strip() if pointer else None
         if not name or not STEP_NAME.fullmatch(name) or \
                 not os.path.isfile(os.path.join(root, name, MANIFEST)):
@@ -266,42 +266,13 @@ def _refuse(path, rel, why, damaged=True):
 
 
 MANIFEST_MAX_BYTES = 16 << 20  # names and digests of a few dozen files: far below this
-SIZE_DIFFERS = "size differs"  # _read_inside: not the size the manifest declares
-
-
-def _read_inside(path, rel, size=None, max_size=None):
-    """The bytes of the regular file `rel` inside the folder `path`; None when it is absent,
-    False when it, or its folder (best/), is a symbolic link or not a regular file (a link
-    could name any file on the machine; a FIFO or a device would block or read without
-    end), or over `max_size`; SIZE_DIFFERS when its size is not `size` (None: any size).
-    The size is known before a byte is read. Opened without blocking: opening a FIFO waits
-    for a writer otherwise."""
-    folder = os.path.dirname(rel)
-    if folder and os.path.islink(os.path.join(path, folder)):
-        return False
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(os.path.join(path, rel), flags)
-    except FileNotFoundError:
-        return None
-    except OSError:  # ELOOP: a symbolic link
-        return False
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or (max_size is not None and st.st_size > max_size):
-            return False
-        if size is not None and st.st_size != size:
-            return SIZE_DIFFERS
-        return fh.read(st.st_size)
-
-
 def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
     """Read every file of a checkpoint once, check it against the manifest, parse it with a
     parser that cannot run code (JSON, safetensors, torch.load weights_only=True).
     `keep_best`: keep the bytes of best/ (the main process restores it); other processes
     only check them, so that every process takes or refuses the same checkpoint."""
     try:
-        data = _read_inside(path, MANIFEST, max_size=MANIFEST_MAX_BYTES)
+        data = read_regular_file(path, MANIFEST, max_size=MANIFEST_MAX_BYTES)
         if data is False:
             raise ValueError("not a regular file of a manifest's size")
         manifest = json.loads(data.decode("utf-8"))
@@ -320,7 +291,7 @@ def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
         size = sizes.get(rel)
         if size is not None and (not isinstance(size, int) or size < 0):
             raise _refuse(path, MANIFEST, f"declares no valid size for {rel}")
-        raw[rel] = _read_inside(path, rel, size)
+        raw[rel] = read_regular_file(path, rel, size)
         if raw[rel] is None:
             raise _refuse(path, rel, "is missing")
         if raw[rel] is False:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
-from common.files import new_temp_dir, replace_dir, write_json
+from common.files import new_temp_dir, read_regular_file, replace_dir, write_json
 
 
 if TYPE_CHECKING:  # names for the type hints only
@@ -86,20 +86,115 @@ def update_export(out_dir: str, meta: Optional[dict] = None, files: Optional[dic
             write_text(os.path.join(out_dir, name), data)
 
 
+META_MAX_BYTES = 8 << 20     # model.json: class names and a few numbers
+MAX_CLASSES = 100_000
+MAX_SIDE = 4096              # pixels: an image side an exported model may ask to resize to
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming",
+                  "lanczos")
+
+
+def check_meta(meta: object, where: str, model_name: bool = True) -> dict:
+    """`meta` (model.json, or an ONNX file's copy of it) if it holds what export writes,
+    within bounds: known model sources, class names, preprocessing sizes up to MAX_SIDE,
+    a positive temperature. A file from elsewhere is refused here, never obeyed (a resize
+    of 100000 px would allocate ~40 GB an image).
+
+    Raises UserError naming the file and the first field that is wrong."""
+    def refuse(why):
+        raise UserError(f"{where}: {why}; refusing it (not a model.json that export writes)")
+
+    def number(value, low, high, integer=False):
+        kind = int if integer else (int, float)
+        return isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high
+
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        refuse(f"no export of format {EXPORT_FORMAT}")
+    if model_name:
+        from common.models import split_model_name
+
+        name = meta.get("model")
+        if not isinstance(name, str) or len(name) > 200 or \
+                split_model_name(name)[0] not in ("timm", "torchvision"):
+            refuse(f"'model' is {str(name)[:80]!r}, not a timm or torchvision model name")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES or \
+            not all(isinstance(n, str) and len(n) <= 1000 for n in names):
+        refuse("'class_names' is not a list of 2 to 100000 names")
+    p = meta.get("preprocessing")
+    if not isinstance(p, dict):
+        refuse("no 'preprocessing'")
+    for key in ("input_size", "resize"):
+        if not number(p.get(key), 1, MAX_SIDE, integer=True):
+            refuse(f"preprocessing '{key}' is {str(p.get(key))[:40]}, not 1 to {MAX_SIDE} px")
+    for key, low in (("mean", -1e3), ("std", 1e-6)):
+        values = p.get(key)
+        if not isinstance(values, list) or len(values) not in (1, 3) or \
+                not all(number(v, low, 1e3) for v in values):
+            refuse(f"preprocessing '{key}' is not 1 or 3 numbers in range")
+    if p.get("interpolation") not in INTERPOLATIONS:
+        refuse(f"preprocessing 'interpolation' is {str(p.get('interpolation'))[:40]!r}")
+    temperature = meta.get("temperature")
+    if temperature is not None and not number(temperature, 1e-6, 1e6):
+        refuse("'temperature' is not a positive number")
+    return meta
+
+
+def _read_meta(path: str) -> dict:
+    """model.json of an export folder: a regular file (no link, FIFO or device) within
+    META_MAX_BYTES, parsed and checked."""
+    raw = read_regular_file(path, "model.json", max_size=META_MAX_BYTES)
+    where = os.path.join(path, "model.json")
+    if raw is None:
+        raise UserError(f"{path}: no exported model here (expected model.json and "
+                        "model.safetensors, or a run folder with best/)")
+    if raw is False:
+        raise UserError(f"{where}: a link, not a regular file, or over "
+                        f"{META_MAX_BYTES >> 20} MB; refusing it")
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise UserError(f"{where}: not valid JSON; refusing it") from None
+    return check_meta(meta, where)
+
+
+def _architecture(path: str, meta: dict) -> str:
+    """The model name to build offline. An `hf-hub:ORG/NAME` model is rebuilt from the
+    timm architecture in the export's own config.json (its model_args are not passed on):
+    building it by its Hub name would download that config, even without weights."""
+    name = meta["model"]
+    if not name.startswith("hf-hub:"):
+        return name
+    from common.models import check_model_name
+
+    raw = read_regular_file(path, "config.json", max_size=META_MAX_BYTES)
+    try:
+        arch = json.loads(raw.decode("utf-8"))["architecture"]
+        check_model_name(f"timm:{arch}")
+    except Exception:  # absent, unreadable, or not a known timm architecture
+        raise UserError(f"{os.path.join(path, 'config.json')}: the export of {name} holds "
+                        "no known timm 'architecture' to rebuild it from offline") from None
+    return f"timm:{arch}"
+
+
 def load_exported(path: str, device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode, meta) from an export folder or a run folder (its `best/`)."""
+    """(model in eval mode, meta) from an export folder or a run folder (its `best/`).
+    Nothing is downloaded: the architecture is built without pretrained weights, from
+    model.json's name (checked: check_meta) or, for a Hub model, the folder's config.json.
+
+    Raises UserError: no export there, or a model.json / weights file that is not one."""
     from common.models import build_model
 
     if os.path.isfile(os.path.join(path, "best", "model.json")):
         path = os.path.join(path, "best")
-    meta_path = os.path.join(path, "model.json")
-    if not os.path.isfile(meta_path):
-        raise UserError(f"{path}: no exported model here (expected model.json and "
-                        "model.safetensors, or a run folder with best/)")
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    model = build_model(meta["model"], len(meta["class_names"]), pretrained=False).model
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    meta = _read_meta(path)
+    model = build_model(_architecture(path, meta), len(meta["class_names"]),
+                        pretrained=False).model
+    try:
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    except Exception as e:  # missing, not safetensors, or tensors of another model
+        raise UserError(f"{os.path.join(path, 'model.safetensors')}: not the weights of "
+                        f"{meta['model']} with {len(meta['class_names'])} classes "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     return model.to(device).eval(), meta
 
 
@@ -135,4 +230,8 @@ def load_onnx(path: str) -> tuple[Callable, dict]:
     if meta is None:
         raise UserError(f"{path}: an ONNX file without this project's metadata (class names, "
                         "preprocessing); export it with export.py")
-    return model, json.loads(meta)
+    try:
+        meta = json.loads(meta)
+    except (ValueError, RecursionError):
+        raise UserError(f"{path}: its {ONNX_META_KEY} metadata is not valid JSON") from None
+    return model, check_meta(meta, f"{path} (its metadata)", model_name=False)

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 from typing import Any, Iterator
 
@@ -147,6 +148,35 @@ def append_jsonl(path: str, obj: Any) -> None:
         fh.write(json.dumps(obj) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+SIZE_DIFFERS = "size differs"  # read_regular_file: not the size the manifest declares
+
+
+def read_regular_file(path, rel, size=None, max_size=None):
+    """The bytes of the regular file `rel` inside the folder `path`; None when it is absent,
+    False when it, or its folder (best/), is a symbolic link or not a regular file (a link
+    could name any file on the machine; a FIFO or a device would block or read without
+    end), or over `max_size`; SIZE_DIFFERS when its size is not `size` (None: any size).
+    The size is known before a byte is read. Opened without blocking: opening a FIFO waits
+    for a writer otherwise."""
+    folder = os.path.dirname(rel)
+    if folder and os.path.islink(os.path.join(path, folder)):
+        return False
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(os.path.join(path, rel), flags)
+    except FileNotFoundError:
+        return None
+    except OSError:  # ELOOP: a symbolic link
+        return False
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or (max_size is not None and st.st_size > max_size):
+            return False
+        if size is not None and st.st_size != size:
+            return SIZE_DIFFERS
+        return fh.read(st.st_size)
 
 
 def new_temp_dir(parent: str, prefix: str) -> str:

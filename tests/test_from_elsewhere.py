@@ -150,3 +150,51 @@ def test_a_train_state_of_another_shape_is_one_line_and_latest_falls_back_past_i
                                              "--resume-from-checkpoint", bad], offline_env)
     assert_one_line_error(proc, "train_state.json holds a train state of another shape",
                           status=1)
+
+
+def _edit_meta(best, **changes):
+    meta = json.load(open(best / "model.json"))
+    meta.update(changes)
+    (best / "model.json").write_text(json.dumps(meta))
+    return meta
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("preprocessing", {"input_size": 160, "resize": 100000, "mean": [0.5] * 3,
+                       "std": [0.5] * 3, "interpolation": "bilinear"},
+     "preprocessing 'resize' is 100000"),
+    ("model", "evil:thing", "'model' is 'evil:thing'"),
+    ("class_names", "cat", "'class_names' is not a list"),
+    ("temperature", -1, "'temperature' is not a positive number"),
+])
+def test_predict_refuses_a_model_json_it_did_not_write(run, tmp_path, offline_env, field,
+                                                       value, message):
+    data, mine = _copy(run, tmp_path)
+    _edit_meta(mine / "best", **{field: value})
+    proc = run_script("predict.py", [mine, os.path.join(data, "val")], offline_env)
+    assert_one_line_error(proc, "model.json", message, "refusing it")
+
+
+def test_a_model_json_that_is_a_fifo_is_refused_at_once(run, tmp_path, offline_env):
+    from common.errors import UserError
+    from common.export import load_exported
+
+    _, mine = _copy(run, tmp_path)
+    os.remove(mine / "best" / "model.json")
+    os.mkfifo(mine / "best" / "model.json")
+    out = _in_time(load_exported, str(mine / "best"))
+    assert isinstance(out.get("error"), UserError), out
+    assert "a link, not a regular file" in str(out["error"])
+
+
+def test_a_hub_models_export_loads_offline_from_its_own_config(run, tmp_path, offline_env):
+    """model.json naming hf-hub:ORG/NAME: rebuilt from the folder's config.json (timm's
+    architecture), never by fetching the Hub's config (which loading by name does even
+    without weights)."""
+    data, mine = _copy(run, tmp_path)
+    _edit_meta(mine / "best", model="hf-hub:someone/not-on-this-machine")
+    out = tmp_path / "p.csv"
+    proc = run_script("predict.py", [mine, os.path.join(data, "val"), "--output", out],
+                      offline_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(open(out).read().splitlines()) == 10
