@@ -68,11 +68,37 @@ VAL_SPLIT_FALLBACKS = ("validation", "val", "valid", "test")
 
 def image_files(folder: str) -> list:
     """Image files below `folder`, recursively and sorted, by ImageFolder's rules (its
-    extensions, hidden files skipped): one rule for training and for predict.py."""
-    return [os.path.join(dirpath, name)
-            for dirpath, _, names in sorted(os.walk(folder, followlinks=True))
-            for name in sorted(names)
-            if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")]
+    extensions, hidden files skipped): one rule for training and for predict.py. A link to a
+    folder is followed once per real folder, and never to a folder that holds `folder`, so
+    a link back up the tree neither lists an image twice (or another class's) nor loops; an
+    entry that is not a regular file (a FIFO, a device, a broken link) is skipped with a
+    warning: reading it would block or fail."""
+    root = os.path.realpath(folder)
+    listed, seen = [], set()
+    pending = [folder]
+    while pending:
+        here = pending.pop()
+        real = os.path.realpath(here)
+        if real in seen or (here != folder and root.startswith(real.rstrip(os.sep) + os.sep)):
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(here))
+        except OSError as e:
+            logger.warning(f"skipping folder {here} ({type(e).__name__})")
+            continue
+        names = []
+        for entry in entries:
+            if entry.is_dir():  # (a link to a folder too)
+                pending.append(entry.path)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS) and \
+                    not entry.name.startswith("."):
+                if entry.is_file():  # (a link to a regular file too)
+                    names.append(entry.name)
+                else:
+                    logger.warning(f"skipping {entry.path}: not a regular file")
+        listed.append((here, sorted(names)))
+    return [os.path.join(dirpath, name) for dirpath, names in sorted(listed) for name in names]
 
 
 def _scan_split(split_dir, flag):

@@ -198,3 +198,24 @@ def test_a_hub_models_export_loads_offline_from_its_own_config(run, tmp_path, of
                       offline_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(open(out).read().splitlines()) == 10
+
+
+def test_links_back_up_the_tree_and_a_fifo_among_the_images_are_listed_once_or_skipped(
+        tmp_path, offline_env):
+    from common.data import image_files
+
+    data = make_image_folder(tmp_path / "data")
+    cat = tmp_path / "data" / "train" / "cat"
+    os.symlink(".", cat / "again")          # the same folder under another name
+    os.symlink("..", cat / "up")            # two links up: os.walk(followlinks) never ended
+    os.symlink("..", cat / "up2")
+    os.mkfifo(cat / "x.jpg")                # reading it would block the image check
+    out = _in_time(image_files, str(cat))
+    assert sorted(map(os.path.basename, out["value"])) == [f"{i}.jpg" for i in range(6)]
+    run_dir = tmp_path / "run"
+    proc = run_script("train_extractor.py", ["--data-dir", data, *TINY, "--epochs", "1",
+                                             "--output-dir", run_dir], offline_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x.jpg: not a regular file" in proc.stdout + proc.stderr
+    res = json.load(open(run_dir / "results.json"))
+    assert (res["train_samples"], res["val_samples"]) == (18, 9)
