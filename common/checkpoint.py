@@ -98,6 +98,7 @@ class TrainState:
     train_sums: Totals = field(default_factory=Totals)  # of the epoch in progress, over all
     #                             processes
     tracker_run_id: Optional[str] = None
+    run_dir: Optional[str] = None  # the run folder (real path) the checkpoint was taken in
     wall_seconds: float = 0.0   # time spent in earlier (interrupted) sessions
     lr: Optional[float] = None  # the peak lr trained with (given, or found by --lr auto)
     class_names: Optional[list] = None   # the labels' names, in label order

@@ -113,9 +113,15 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
         if cfg.find_lr and cfg.lr != "auto":  # --find-lr alone: report and stop
             accelerator.end_training()
             return {"suggested_lr": found}
+    # a checkpoint taken in another run folder (forked, or someone else's) starts a new
+    # tracker run that records the one it came from, never writing into that one
+    forked_from = None
+    if ckpt and state.run_dir != os.path.realpath(output_dir):
+        forked_from, state.tracker_run_id = state.tracker_run_id, None
     if not ckpt:
         state.lr = found if found is not None else cfg.lr
         state.class_names, state.data_identity = list(data.class_names), identity
+    state.run_dir = os.path.realpath(output_dir)
     # before the schedule: it takes the peaks as built (--lr auto's placeholder replaced)
     set_peak_lr(optimizer, state.lr)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
@@ -129,7 +135,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
             ema.load_state_dict(ckpt.extra["ema"], ckpt.state.ema_updates)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     _announce(accelerator, cfg, network, data, state, global_batch, steps_per_epoch,
-              output_dir)
+              output_dir, forked_from)
     # last, after everything that might draw random numbers: each rank's own stream
     if ckpt:
         restore_rng(accelerator, ckpt, cfg.seed)
@@ -415,8 +421,9 @@ def _restart_heads(network, probe, ema, cfg):
 
 
 def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_epoch,
-              output_dir):
-    """The run's first line, the tracker's run (with the resolved config) and, on a fresh
+              output_dir, forked_from):
+    """The run's first line, the tracker's run (with the resolved config; `forked_from`:
+    the tracker run of the checkpoint's own folder, when resumed elsewhere) and, on a fresh
     run, the augmentation preview."""
     n_train, n_val = len(data.train_images), len(data.val_images)
     logger.info(f"{cfg.script}: {n_train} train / {n_val} val images, "
@@ -428,7 +435,8 @@ def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_ep
                   num_processes=accelerator.num_processes,
                   mixed_precision=accelerator.mixed_precision, global_batch_size=global_batch,
                   steps_per_epoch=steps_per_epoch, train_samples=n_train, val_samples=n_val,
-                  num_classes=len(data.class_names))
+                  num_classes=len(data.class_names),
+                  **({"forked_from_run_id": forked_from} if forked_from else {}))
     start_run(accelerator, cfg, config, output_dir, script=cfg.script,
               resume_id=state.tracker_run_id)
     state.tracker_run_id = tracker_run_id(accelerator) or state.tracker_run_id

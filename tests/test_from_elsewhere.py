@@ -219,3 +219,41 @@ def test_links_back_up_the_tree_and_a_fifo_among_the_images_are_listed_once_or_s
     assert "x.jpg: not a regular file" in proc.stdout + proc.stderr
     res = json.load(open(run_dir / "results.json"))
     assert (res["train_samples"], res["val_samples"]) == (18, 9)
+
+
+def _wandb_config(run_dir):
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "wandb")
+    proc = subprocess.run([exe, "leet", "inspect", "--summary", "--json", run_dir],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["config"]
+
+
+def test_a_checkpoint_resumed_in_another_folder_starts_its_own_wandb_run(
+        tmp_path, offline_env):
+    """Its own folder continues its W&B run; another --output-dir (a fork, a colleague's
+    checkpoint) is a new run that records the one it came from, never writes into it."""
+    import glob
+
+    data = make_image_folder(tmp_path / "data")
+    args = ["--data-dir", data, *TINY[:-2], "--epochs", "2", "--checkpointing-steps", "epoch",
+            "--checkpoints-total-limit", "0"]
+    first = tmp_path / "first"
+    launch("train_extractor.py", [*args, "--output-dir", first], offline_env)
+    [run] = glob.glob(str(first / "wandb" / "offline-run-*"))
+    first_id = run.rsplit("-", 1)[1]
+    ckpt = sorted((first / "checkpoints").glob("step-*"))[0]
+    fork = tmp_path / "fork"
+    launch("train_extractor.py", [*args, "--output-dir", fork, "--resume-from-checkpoint",
+                                  ckpt], offline_env)
+    [forked] = glob.glob(str(fork / "wandb" / "offline-run-*"))
+    assert forked.rsplit("-", 1)[1] != first_id
+    assert _wandb_config(forked)["forked_from_run_id"] == first_id
+    assert len(glob.glob(str(first / "wandb" / "offline-run-*"))) == 1  # not written into
+    launch("train_extractor.py", [*args, "--output-dir", first, "--resume-from-checkpoint",
+                                  ckpt], offline_env)
+    runs = glob.glob(str(first / "wandb" / "offline-run-*"))
+    assert {r.rsplit("-", 1)[1] for r in runs} == {first_id}
