@@ -55,7 +55,7 @@ def main(argv: Optional[list] = None) -> dict:
 
 def run(cfg: ExtractorConfig, *, started: float) -> dict:
     """Build the data (cached features by default) and the new heads' optimiser, train."""
-    accelerator, output_dir = setup_run(cfg, "extractor")
+    accelerator, output_dir = setup_run(cfg, "extractor", started)
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
     freeze_backbone(network.model, network.head_names)  # requires_grad only on the heads

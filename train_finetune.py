@@ -63,7 +63,7 @@ def main(argv: Optional[list] = None) -> dict:
 
 def run(cfg: FinetuneConfig, *, started: float) -> dict:
     """Build the data, the model and its optimiser, run the linear probe, fine-tune."""
-    accelerator, output_dir = setup_run(cfg, "finetune")
+    accelerator, output_dir = setup_run(cfg, "finetune", started)
     if cfg.epochs != "auto" and 0 < cfg.epochs <= cfg.freeze_epochs:
         logger.warning(f"--epochs {cfg.epochs} <= --freeze-epochs "
                        f"{cfg.freeze_epochs}: only the head trains; pass --freeze-epochs 0 "

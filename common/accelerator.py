@@ -20,6 +20,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from common.config import save_config
 from common.errors import UserError
+from common.files import remove_stale_temporaries
 from common.log import drop_held_lines, log_path, log_to_file, logger, setup_logging
 from common.hardware import (cpu_has_amx, cpu_has_native_bf16, gpu_has_native_bf16,
                              launcher_chose_cpu)
@@ -32,8 +33,42 @@ if TYPE_CHECKING:  # names for the type hints only
     from torch import nn
 
 
-def setup_run(cfg: TrainConfig, script: str) -> tuple[Accelerator, str]:
-    """Return (accelerator, output_dir): seeded, run folder created, config saved there."""
+# what `accelerate launch` sets for a config of each sharded strategy
+_SHARDED = (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
+
+
+def refuse_sharded_training() -> None:
+    """The loop trains DDP-style: a whole model on every process, its state dicts taken on
+    the main one. Under FSDP or DeepSpeed that would hang or save part of the model.
+
+    Raises UserError naming the configs that work."""
+    for var, name in _SHARDED:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes"):
+            raise UserError(f"this launch uses {name} ({var}); these scripts train a whole "
+                            "copy of the model on each process (DDP): launch with "
+                            "accelerate_configs/multi_gpu.yaml or multi_gpu_bf16.yaml (or "
+                            "single_gpu*.yaml, cpu.yaml, cpu_2proc.yaml, multi_node.yaml)")
+
+
+def _remove_stale_temporaries(output_dir: str, started: float) -> None:
+    """What a killed earlier session left in the run folder (an export, a folder set aside,
+    a half-written file): removed at the start, before this job writes any of its own."""
+    for folder in (output_dir, os.path.join(output_dir, "best"),
+                   os.path.join(output_dir, "checkpoints")):
+        removed = remove_stale_temporaries(folder, started)
+        if removed:
+            logger.info(f"removed what an interrupted run left in {folder}: "
+                        f"{', '.join(sorted(removed))}")
+
+
+def setup_run(cfg: TrainConfig, script: str, started: float) -> tuple[Accelerator, str]:
+    """Return (accelerator, output_dir): seeded, run folder created (what a killed earlier
+    session left there removed: temporaries older than `started`, the job's start),
+    config saved there.
+
+    Raises UserError: a launch whose processes do not see each other, a sharded (FSDP /
+    DeepSpeed) launch config, an output folder holding a run."""
     setup_logging(cfg.log_level, cfg.quiet)
     cpu = launcher_chose_cpu()
     state = PartialState(cpu=cpu)  # starts torch.distributed when launched with N processes
@@ -43,6 +78,7 @@ def setup_run(cfg: TrainConfig, script: str) -> tuple[Accelerator, str]:
             f"the launcher started {world} processes but each sees {state.num_processes} "
             f"({state.distributed_type}); on CPU use accelerate_configs/cpu_2proc.yaml "
             "(distributed_type MULTI_GPU + use_cpu: true), see accelerate_configs/README.md")
+    refuse_sharded_training()
     output_dir = choose_output_dir(cfg, script, state)
     check_output_dir(cfg, output_dir, state.is_main_process)
     state.wait_for_everyone()
@@ -63,6 +99,7 @@ def setup_run(cfg: TrainConfig, script: str) -> tuple[Accelerator, str]:
     )
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
+        _remove_stale_temporaries(output_dir, started)
         log_to_file(log_path(output_dir))  # with the lines said so far
         save_config(dataclasses.replace(cfg, output_dir=output_dir),
                     os.path.join(output_dir, "config.yaml"))

@@ -49,6 +49,7 @@ from torch import nn
 from common import mmap_tensors
 from common.data import ImageDataset, train_order, training_transforms
 from common.errors import UserError
+from common.files import remove_stale_temporaries
 from common.folding import fold_batchnorm
 from common.imagecheck import identity_digest
 from common.images import decode_sizes
@@ -204,6 +205,19 @@ def _cache_dir(cfg):
         "transfer-learning", "features")
 
 
+STALE_AFTER = 600  # s: a temporary cache file untouched this long has no writer at work
+
+
+def _remove_stale_extractions(cache_dir: str) -> None:
+    """The temporary files of extractions that were killed (GBs at scale): those already
+    there and untouched for STALE_AFTER seconds (a running extraction writes its file
+    continuously; another job's, on this machine, is left alone)."""
+    removed = remove_stale_temporaries(cache_dir, time.time(), idle=STALE_AFTER)
+    if removed:
+        logger.info(f"features: removed {len(removed)} temporary file(s) of interrupted "
+                    f"extractions from {cache_dir}")
+
+
 def feature_datasets(train: datasets.Dataset, val: datasets.Dataset, preprocessing: dict,
                      cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
     """(train images, val images) as the backbone sees them for the cache: --feature-views
@@ -265,6 +279,7 @@ def cached_feature_loaders(accelerator: Accelerator, cfg: TrainConfig, network: 
         tmp, maps = None, {"train": None, "val": None}
         if accelerator.is_local_main_process:  # one writer per machine (shared or not)
             os.makedirs(cache_dir, exist_ok=True)
+            _remove_stale_extractions(cache_dir)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=cache_dir)
             os.close(fd)
             maps = mmap_tensors.create(tmp, shapes)

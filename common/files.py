@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from typing import Any, Iterator
 
 from common.errors import UserError
@@ -177,6 +178,38 @@ def read_regular_file(path, rel, size=None, max_size=None):
         if size is not None and st.st_size != size:
             return SIZE_DIFFERS
         return fh.read(st.st_size)
+
+
+TEMPORARY_PREFIXES = (".tmp-", ".export-", ".old-")  # what the writers here name their
+#                                                     temporary files and folders
+
+
+def remove_stale_temporaries(folder: str, before: float, idle: float = 0.0) -> list:
+    """Remove the temporary files and folders a killed writer left in `folder` (names with
+    TEMPORARY_PREFIXES): those last modified before `before` (the job's start: an earlier
+    job's) and at least `idle` seconds ago (a writer still at work keeps touching its file).
+    Returns the names removed; anything else is left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no such folder yet
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(TEMPORARY_PREFIXES):
+            continue
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+            if mtime >= before or now - mtime < idle:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
 
 
 def new_temp_dir(parent: str, prefix: str) -> str:

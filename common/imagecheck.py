@@ -20,7 +20,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -29,6 +28,7 @@ import PIL.Image
 from accelerate.utils import gather_object
 
 from common.errors import UserError
+from common.files import read_regular_file, remove_stale_temporaries, write_json
 from common.log import logger
 
 
@@ -97,18 +97,39 @@ def _cache_dir():
                         "transfer-learning", "image-checks")
 
 
+def _read_verdicts(path: str, rows: int):
+    """The cached [(row, file, reason)] at `path`, or None where there is none; a file that
+    does not parse as verdicts for `rows` rows (cut short by a crash, written by something
+    else) is ignored, with one warning, and checked again."""
+    if not os.path.exists(path):
+        return None
+    raw = read_regular_file(os.path.dirname(path), os.path.basename(path),
+                            max_size=256 << 20)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        bad = [tuple(b) for b in doc["bad"]]
+        if doc["format"] != FORMAT or doc["rows"] != rows or not all(
+                len(b) == 3 and isinstance(b[0], int) and 0 <= b[0] < rows for b in bad):
+            raise ValueError("not verdicts for these rows")
+        return bad
+    except Exception:  # noqa: BLE001 - any way of not being our verdicts
+        logger.warning(f"{path}: an image-check cache that does not parse (a crash while it "
+                       "was written?); checking the images again")
+        return None
+
+
 def find_unreadable(split: datasets.Dataset, name: str, accelerator: Accelerator,
                     workers: int) -> list:
     """[(row, file or 'row N', reason)] of the images in `split` that do not decode; the same
     list on every process."""
     digest = identity_digest(split)
     path = os.path.join(_cache_dir(), f"{name}-{digest[:32]}.json")
-    seen = [os.path.isfile(path)]
+    cached = _read_verdicts(path, len(split))
+    seen = [cached is not None]
     if accelerator.num_processes > 1:
         seen = gather_object(seen)
     if all(seen):
-        with open(path) as fh:
-            return [tuple(b) for b in json.load(fh)["bad"]]
+        return cached
     t0 = time.time()
     n, world, rank = len(split), accelerator.num_processes, accelerator.process_index
     start, end = n * rank // world, n * (rank + 1) // world
@@ -116,12 +137,10 @@ def find_unreadable(split: datasets.Dataset, name: str, accelerator: Accelerator
     if world > 1:
         bad = gather_object(bad)  # every process's list, concatenated in rank order
     bad = sorted(tuple(b) for b in bad)
-    if accelerator.is_local_main_process:
-        os.makedirs(_cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=_cache_dir())
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"format": FORMAT, "rows": n, "bad": bad}, fh)
-        os.replace(tmp, path)
+    if accelerator.is_local_main_process:  # synced before its rename: never empty after
+        os.makedirs(_cache_dir(), exist_ok=True)  # a power loss
+        remove_stale_temporaries(_cache_dir(), time.time(), idle=600)
+        write_json(path, {"format": FORMAT, "rows": n, "bad": bad})
     if n >= 5000:
         logger.info(f"checked {n} {name} images in {time.time() - t0:.0f} s "
                     f"({world} process(es) x {max(workers, 1)} worker(s)); verdicts "

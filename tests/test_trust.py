@@ -128,3 +128,65 @@ def test_a_time_box_resumed_at_its_end_evaluates_and_ends_with_its_results(
             [(r["epoch"], r.get("partial")) for r in first_rows]
         assert rows[-1]["train_loss"] == pytest.approx(first_rows[-1]["train_loss"])
         assert os.path.isfile(out / "best" / "model.safetensors")
+
+
+def test_what_killed_runs_left_is_removed_at_start_and_a_live_writers_file_is_not(
+        tmp_path, offline_env):
+    """A killed export (.export-*), a folder set aside (.old-*), half-written files (.tmp-*)
+    in the run folder, best/ and checkpoints/, and a killed extraction's temporary cache file
+    are removed when the run resumes; a cache file another job is writing (touched just
+    now) and the user's own files stay."""
+    import time
+
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--data-dir", data, *TINY, "--epochs", "2", "--checkpointing-steps", "epoch",
+            "--output-dir", out]
+    env = dict(offline_env, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    launch("train_extractor.py", args, env)
+    cache = tmp_path / "cache" / "transfer-learning" / "features"
+    old = time.time() - 3600
+    planted = [out / ".export-abc", out / ".old-xyz", out / "best" / ".tmp-1",
+               out / "checkpoints" / ".tmp-step-00000003",
+               os.path.join(cache, ".tmp-killed.safetensors")]
+    for path in planted:
+        if str(path).endswith(("abc", "xyz", "00003")):
+            os.makedirs(path)
+        else:
+            open(path, "w").write("x")
+        os.utime(path, (old, old))
+    live = os.path.join(cache, ".tmp-live.safetensors")
+    open(live, "w").write("x")
+    (out / "notes.txt").write_text("mine")
+    for f in os.listdir(cache):  # the features extracted again, so the cache is written
+        if f.endswith(".safetensors") and not f.startswith("."):
+            os.remove(os.path.join(cache, f))
+    proc = launch("train_extractor.py", [*args, "--resume-from-checkpoint", "latest"], env)
+    assert "removed what an interrupted run left in" in proc.stdout
+    assert [p for p in planted if os.path.exists(p)] == []
+    assert os.path.exists(live) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_image_check_cache_cut_short_is_ignored_with_a_warning_and_written_again(
+        tmp_path, offline_env):
+    data = make_image_folder(tmp_path / "data")
+    env = dict(offline_env, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    args = ["--data-dir", data, *TINY, "--epochs", "1"]
+    launch("train_extractor.py", [*args, "--output-dir", tmp_path / "a"], env)
+    checks = tmp_path / "cache" / "transfer-learning" / "image-checks"
+    files = sorted(checks.glob("*.json"))
+    assert len(files) == 2  # train and val
+    files[0].write_text("")  # what a power loss before the data reached the disk leaves
+    proc = launch("train_extractor.py", [*args, "--output-dir", tmp_path / "b"], env)
+    assert "an image-check cache that does not parse" in proc.stdout + proc.stderr
+    assert json.loads(files[0].read_text())["format"] == 1
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharded_launch_config_is_refused_in_one_line_naming_the_configs_that_work(
+        tmp_path, offline_env, var):
+    data = make_image_folder(tmp_path / "data", counts={"train": 2, "val": 1})
+    proc = run_script("train_finetune.py", ["--data-dir", data, *TINY, "--output-dir",
+                                            tmp_path / "r"], dict(offline_env, **{var: "true"}))
+    assert_one_line_error(proc, var, "multi_gpu.yaml")
+    assert not (tmp_path / "r").exists()
