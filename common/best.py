@@ -99,14 +99,17 @@ class BestKeeper:
         loader of the val images; its figures become the best's (state.best, best/'s
         predictions and model.json). Returns the new val metrics."""
         model, accelerator = self.network.model, self.accelerator
-        weights = {k: v.detach().to(accelerator.device) for k, v in model.state_dict().items()}
+        model.to(accelerator.device, memory_format=torch.contiguous_format).eval()
+        # contiguous buffers on every process: a broadcast copies raw memory, and a
+        # channels-last tensor would take a contiguous one's values in another order
+        weights = {k: v.detach().clone(memory_format=torch.contiguous_format)
+                   for k, v in model.state_dict().items()}
         if accelerator.is_main_process:
             saved = load_file(os.path.join(self.dir, "model.safetensors"))
-            weights = {k: saved[k].to(accelerator.device) for k in weights}
+            weights = {k: saved[k].to(accelerator.device).contiguous() for k in weights}
         if accelerator.num_processes > 1:
             weights = broadcast(weights)
         model.load_state_dict(weights)
-        model.to(accelerator.device, memory_format=torch.contiguous_format).eval()
         m = evaluate(model, images, load_metrics(accelerator), self.class_names,
                      accelerator=accelerator, tta=self.cfg.tta, autocast=False,
                      progress=False)

@@ -133,6 +133,13 @@ def test_bf16_features_report_the_exported_models_figures_and_epoch_0_is_the_ext
         assert correct / len(rows) == pytest.approx(res["best_val_accuracy"]), run
     extractor = json.load(open(ext / "results.json"))
     assert extractor["extract_precision"] == "bf16" and extractor["batchnorm_folded"]
+    # on 2 processes best/ is scored sharded (rank 0's file broadcast to a channels-last
+    # copy): the same figures as on 1 (the start model, so that both score the same head)
+    for n in (1, 2):
+        launch("train_extractor.py", [*args, "--epochs", "0", "--output-dir",
+                                      tmp_path / f"start{n}"], offline_env, nproc=n)
+    one, two = (json.load(open(tmp_path / f"start{n}" / "results.json")) for n in (1, 2))
+    assert two["best_val_loss"] == pytest.approx(one["best_val_loss"], rel=1e-5)
     assert extractor["best_scored_again_because"] == "chosen on bf16 features"
     epoch0 = json.loads(open(ft / "metrics.jsonl").readline())
     assert epoch0["epoch"] == 0 and epoch0["stage"] == "probe"
