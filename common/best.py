@@ -11,7 +11,6 @@ import os
 from typing import Iterable, Optional, TYPE_CHECKING
 
 import torch
-
 from accelerate.utils import broadcast
 from safetensors.torch import load_file, save as safetensors_bytes
 
