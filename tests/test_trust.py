@@ -9,10 +9,7 @@ import shutil
 import pytest
 
 from conftest import launch, make_image_folder, run_script
-from test_bad_input import assert_one_line_error
-
-TINY = ["--model", "timm:test_resnet", "--no-pretrained", "--batch-size", "4",
-        "--num-workers", "0", "--report-to", "none"]
+from test_bad_input import TINY, assert_one_line_error
 EXTRACT = [*TINY, "--epochs", "3", "--checkpointing-steps", "epoch",
            "--checkpoints-total-limit", "0", "--extract-precision", "fp32", "--seed", "3"]
 
