@@ -25,7 +25,8 @@ from common.data import Data, build_dataloaders, class_weights, load_data, num_w
 from common.errors import UserError, cli  # noqa: E402
 from common.features import cached_feature_loaders  # noqa: E402
 from common.hardware import use_channels_last  # noqa: E402
-from common.log import close_log_file  # noqa: E402
+from common.image_size import set_image_size  # noqa: E402
+from common.log import close_log_file, logger  # noqa: E402
 from common.models import build_model, freeze_backbone  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
 from common.trainer import fit  # noqa: E402
@@ -58,6 +59,7 @@ def run(cfg: ExtractorConfig, *, started: float) -> dict:
     accelerator, output_dir = setup_run(cfg, "extractor", started)
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    logger.info(set_image_size(cfg, network, train_ds))
     freeze_backbone(network.model, network.head_names)  # requires_grad only on the heads
     network.channels_last = use_channels_last(cfg, accelerator)
     if cfg.cutmix and cfg.cache_features:

@@ -31,6 +31,7 @@ from common.config import FinetuneConfig, parse_config  # noqa: E402
 from common.data import Data, build_dataloaders, class_weights, load_data, num_workers  # noqa: E402
 from common.errors import cli  # noqa: E402
 from common.hardware import use_channels_last  # noqa: E402
+from common.image_size import set_image_size  # noqa: E402
 from common.log import close_log_file, logger  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.optim import build_optimizer  # noqa: E402
@@ -70,6 +71,7 @@ def run(cfg: FinetuneConfig, *, started: float) -> dict:
                        "(or more --epochs) to train every layer")
     train_ds, val_ds, class_names = load_data(cfg, accelerator)
     network = build_model(cfg.model, len(class_names), cfg.pretrained, cfg.weights)
+    logger.info(set_image_size(cfg, network, train_ds))
     network.channels_last = use_channels_last(cfg, accelerator)
     weights = class_weights(cfg, train_ds, len(class_names))
     workers = num_workers(cfg, accelerator.num_processes)

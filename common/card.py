@@ -110,7 +110,9 @@ def model_card(cfg: TrainConfig, results: dict, timm_arch: Optional[str], card_f
         "",
         "## Training",
         "",
-        f"{results['train_samples']} training images, {results['epochs']} epochs "
+        f"{results['train_samples']} training images at {results['image_size']} px "
+        f"(the input size the model expects: predict.py and the exports resize to it), "
+        f"{results['epochs']} epochs "
         f"({results['optimizer_steps']} optimiser steps, global batch "
         f"{results['global_batch_size']}), {results['num_processes']} process(es), precision "
         f"{results['mixed_precision']}, {results['wall_seconds']:.0f} s. Options: "

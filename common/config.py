@@ -75,6 +75,10 @@ class TrainConfig:
     weights: Optional[str] = opt(None, "local pretrained weights (.safetensors, or a torch "
                                  "file loaded weights-only) instead of the library's download")
     pretrained: bool = opt(True, "start from pretrained weights (--no-pretrained: random init)")
+    image_size: object = opt("auto", "side in pixels the model trains, evaluates and is "
+                             "exported at (auto: the model's input size; the fine-tune's, "
+                             "twice the training images' median side when they are at most "
+                             "half of it, at least 128)", parse=int_or_auto)
     # optimisation
     epochs: int = opt(10, "training epochs (0: only evaluate the starting model)")
     batch_size: int = opt(32, "images per process per step (global batch = batch-size x "
@@ -175,13 +179,19 @@ class FinetuneConfig(TrainConfig):
 
     script: ClassVar[str] = "finetune"
     epochs: object = opt("auto", "fine-tuning epochs (0: only evaluate; auto: --budget-epochs, "
-                         "within --budget-min-steps and --budget-steps)", parse=int_or_auto)
+                         "within --budget-min-steps and --budget-steps, at least "
+                         "--budget-min-epochs, at most --budget images)", parse=int_or_auto)
     budget_epochs: int = opt(8, "--epochs auto: this many epochs, unless they hold fewer than "
                              "--budget-min-steps or more than --budget-steps optimiser steps")
     budget_min_steps: int = opt(50, "--epochs auto: at least this many optimiser steps (a few "
                                 "hundred images get more than --budget-epochs epochs)")
     budget_steps: int = opt(150, "--epochs auto: at most this many optimiser steps, rounded "
-                            "up to whole epochs (thousands of images get fewer epochs)")
+                            "up to whole epochs, unless that is fewer than "
+                            "--budget-min-epochs")
+    budget_min_epochs: int = opt(3, "--epochs auto: at least this many epochs however many "
+                                 "images (sets of thousands and more)")
+    budget: Optional[int] = opt(None, "--epochs auto: at most this many training images seen "
+                                "(whole epochs, at least one), where compute is scarce")
     train_size: Optional[int] = opt(None, "side in pixels of the crops every layer trains on "
                                     "(default: the model's input size); the linear probe and "
                                     "every evaluation stay at the input size")
@@ -326,8 +336,13 @@ def _validate(parser, cfg):
         (cfg.epochs == "auto" or cfg.epochs >= 0, "--epochs must be >= 0 (or auto)"),
         (getattr(cfg, "budget_steps", 1) >= 1, "--budget-steps must be >= 1"),
         (getattr(cfg, "budget_epochs", 1) >= 1, "--budget-epochs must be >= 1"),
+        (getattr(cfg, "budget_min_epochs", 1) >= 1, "--budget-min-epochs must be >= 1"),
+        (getattr(cfg, "budget", None) is None or cfg.budget >= 1, "--budget must be >= 1 "
+         "(training images seen)"),
         (0 <= getattr(cfg, "budget_min_steps", 0) <= getattr(cfg, "budget_steps", 1),
          "--budget-min-steps must be in [0, --budget-steps]"),
+        (cfg.image_size == "auto" or cfg.image_size >= 32, "--image-size must be >= 32 or "
+         "auto"),
         (getattr(cfg, "train_size", None) is None or cfg.train_size >= 8,
          "--train-size must be >= 8 pixels"),
         (getattr(cfg, "probe_epochs", 0) >= 0, "--probe-epochs must be >= 0"),

@@ -48,6 +48,7 @@ def finish(accelerator: Accelerator, cfg: TrainConfig, *, network: Network, data
         best_weights=best.source, select_metric=cfg.select_metric, epochs=cfg.epochs,
         stopped_early_after_epoch=stopped_early,
         train_samples=len(data.train_images), val_samples=n_val,
+        image_size=network.preprocessing["input_size"],
         num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
         global_batch_size=global_batch, steps_per_epoch=steps_per_epoch,
         optimizer_steps=state.step, wall_seconds=round(wall, 2), lr=state.lr or cfg.lr,

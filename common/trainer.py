@@ -55,15 +55,23 @@ if TYPE_CHECKING:  # names for the type hints only
     from common.config import TrainConfig
 
 
-def auto_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """--epochs auto: --budget-epochs, as long as they hold between --budget-min-steps and
-    --budget-steps optimiser steps (rounded up to whole epochs). Read off the suite's curves:
-    sets of a few hundred images reach their best within ~50 steps (hotdog, rice_leaf: 9
-    epochs), brain_mri (400 images) needs ~100 (8 epochs), clothing (990) the 150 steps of 5
-    epochs; a thousand images and more stay at ~150 steps (benchmarks/README.md)."""
-    steps = min(max(cfg.budget_epochs * steps_per_epoch, cfg.budget_min_steps),
-                cfg.budget_steps)
-    return max(1, math.ceil(steps / steps_per_epoch))
+def auto_epochs(cfg: TrainConfig, steps_per_epoch: int, train_images: int) -> tuple[int, str]:
+    """--epochs auto: (epochs, why). --budget-epochs, as long as they hold between
+    --budget-min-steps and --budget-steps optimiser steps (rounded up to whole epochs), but at
+    least --budget-min-epochs; at most --budget training images seen. Read off the suite's
+    curves: sets of a few hundred images reach their best within ~50 steps (hotdog,
+    rice_leaf: 9 epochs), brain_mri (400 images) needs ~100 (8 epochs), clothing (990) the
+    150 steps of 5 epochs; from a few thousand images on the 150 steps are under one epoch,
+    and cifar10's 10,000 images gain from 1 to 3 epochs (benchmarks/README.md)."""
+    cap = max(cfg.budget_steps, cfg.budget_min_epochs * steps_per_epoch)
+    steps = min(max(cfg.budget_epochs * steps_per_epoch, cfg.budget_min_steps), cap)
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
+    why = (f"{train_images} images: {cfg.budget_epochs} epochs within "
+           f"{cfg.budget_min_steps}-{cap} optimiser steps")
+    if cfg.budget is not None and epochs * train_images > cfg.budget:
+        epochs = max(1, cfg.budget // train_images)
+        why = f"--budget {cfg.budget} images seen"
+    return epochs, why
 
 
 def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data,
@@ -98,8 +106,10 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
     # real samples in an epoch's last global batch: of the whole epoch's loader, also when a
     # resumed epoch skips its first batches
     remainder = last_batch_remainder(train_loader, accelerator.num_processes)
+    schedule = f"--epochs {cfg.epochs}"
     if cfg.epochs == "auto":
-        cfg = dataclasses.replace(cfg, epochs=auto_epochs(cfg, steps_per_epoch))
+        epochs, why = auto_epochs(cfg, steps_per_epoch, len(data.train_images))
+        cfg, schedule = dataclasses.replace(cfg, epochs=epochs), f"{epochs} epochs ({why})"
     loss_fn = make_loss(cfg.label_smoothing, data.class_weights)
     mix = BatchMix(cfg.mixup, cfg.cutmix, len(data.class_names), cfg.seed) \
         if cfg.mixup or cfg.cutmix else None
@@ -135,7 +145,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
             ema.load_state_dict(ckpt.extra["ema"], ckpt.state.ema_updates)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     _announce(accelerator, cfg, network, data, state, global_batch, steps_per_epoch,
-              output_dir, forked_from)
+              output_dir, forked_from, schedule)
     # last, after everything that might draw random numbers: each rank's own stream
     if ckpt:
         restore_rng(accelerator, ckpt, cfg.seed)
@@ -209,7 +219,7 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
         return "head" if network.feature_heads is not None or phase.frozen_at(epoch_index) \
             else "all-layers"
 
-    val_m, stopped_early, first_step_seconds = None, None, None
+    val_m, stopped_early, first_step_seconds, pace_t0 = None, None, None, None
     # for the epoch line's time left: this session's pace, evaluations included
     session_t0, session_step0 = time.time(), state.step
     planned_steps = max(cfg.epochs, 1) * steps_per_epoch
@@ -253,6 +263,10 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                                      channels_last=network.channels_last):
                     if first_step_seconds is None:  # start-up, from the script's first line
                         first_step_seconds = round(time.time() - started, 2)
+                        pace_t0 = time.time()
+                    elif state.step - session_step0 == PACE_STEPS + 1:
+                        _expect(cfg, planned_steps - state.step,
+                                (time.time() - pace_t0) / PACE_STEPS, global_batch)
                     if ema is not None and not accelerator.optimizer_step_was_skipped:
                         ema.update(bare_model(accelerator, model))
                     due = checkpoints.due_at(state.step)
@@ -348,6 +362,20 @@ def fit(accelerator: Accelerator, cfg: TrainConfig, network: Network, data: Data
                   figures=figures)
 
 
+PACE_STEPS = 10  # optimiser steps timed (after the first) for the time a schedule expects
+
+
+def _expect(cfg, steps_left, seconds_per_step, global_batch):
+    """The time the rest of the schedule takes at the pace of its first steps (evaluations
+    besides), and the flag that shortens it where that is long."""
+    minutes = steps_left * seconds_per_step / 60
+    logger.info(f"expected: {global_batch / seconds_per_step:.0f} img/s training here, so "
+                f"about {minutes:.0f} min for the {steps_left} optimiser steps left "
+                "(evaluations besides)"
+                + ("; --budget IMAGES caps the images seen" if minutes > 60 and
+                   hasattr(cfg, "budget") else ""))
+
+
 def _image_loader(accelerator, cfg, images):
     """The val images (an ImageDataset) in batches, sharded over the processes."""
     loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size,
@@ -421,13 +449,14 @@ def _restart_heads(network, probe, ema, cfg):
 
 
 def _announce(accelerator, cfg, network, data, state, global_batch, steps_per_epoch,
-              output_dir, forked_from):
-    """The run's first line, the tracker's run (with the resolved config; `forked_from`:
-    the tracker run of the checkpoint's own folder, when resumed elsewhere) and, on a fresh
-    run, the augmentation preview."""
+              output_dir, forked_from, schedule):
+    """The run's first line (with the schedule chosen and why), the tracker's run (with the
+    resolved config; `forked_from`: the tracker run of the checkpoint's own folder, when
+    resumed elsewhere) and, on a fresh run, the augmentation preview."""
     n_train, n_val = len(data.train_images), len(data.val_images)
     logger.info(f"{cfg.script}: {n_train} train / {n_val} val images, "
-                f"{len(data.class_names)} classes; {accelerator.num_processes} "
+                f"{len(data.class_names)} classes, at {network.preprocessing['input_size']} "
+                f"px; {schedule}; {accelerator.num_processes} "
                 f"process(es), {accelerator.mixed_precision} precision, global batch "
                 f"{global_batch}, {steps_per_epoch} optimiser steps/epoch -> {output_dir}")
     config = dict(vars(cfg), lr_found=state.lr if cfg.lr == "auto" else None,

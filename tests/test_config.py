@@ -36,15 +36,24 @@ def test_each_optimiser_gets_its_own_lr_and_weight_decay_unless_given(tmp_path):
     assert (ext.optimizer, ext.lr, ext.weight_decay) == ("sgd", 0.03, 0.0)
 
 
+def _epochs(cfg, steps_per_epoch):
+    return auto_epochs(cfg, steps_per_epoch, steps_per_epoch * 32)[0]
+
+
 def test_epochs_auto_grows_with_the_set_within_a_budget_of_steps():
-    cfg = FinetuneConfig()  # 8 epochs, within 50 to 150 optimiser steps
+    cfg = FinetuneConfig()  # 8 epochs, within 50 to 150 optimiser steps, at least 3 epochs
     # steps per epoch at batch 32 -> epochs: hotdog (166 images), ants/bees (244), brain_mri
-    # (400), clothing (990), 5,000 images, 20 images
-    got = {spe: auto_epochs(cfg, spe) for spe in (6, 8, 13, 31, 157, 1)}
-    assert got == {6: 9, 8: 8, 13: 8, 31: 5, 157: 1, 1: 50}
+    # (400), clothing (990), 5,000 images, 20 images, cifar10 (10,000), 300,000 images
+    got = {spe: _epochs(cfg, spe) for spe in (6, 8, 13, 31, 157, 1, 313, 9375)}
+    assert got == {6: 9, 8: 8, 13: 8, 31: 5, 157: 3, 1: 50, 313: 3, 9375: 3}
     # --budget-min-steps = --budget-steps: the fixed budget of steps of earlier versions
-    fixed = FinetuneConfig(budget_min_steps=150, budget_steps=150)
-    assert [auto_epochs(fixed, spe) for spe in (6, 13, 31)] == [25, 12, 5]
+    fixed = FinetuneConfig(budget_min_steps=150, budget_steps=150, budget_min_epochs=1)
+    assert [_epochs(fixed, spe) for spe in (6, 13, 31, 157)] == [25, 12, 5, 1]
+    # --budget: at most that many images seen, in whole epochs (at least one), and said
+    capped = FinetuneConfig(budget=25000)
+    assert auto_epochs(capped, 313, 10000) == (2, "--budget 25000 images seen")
+    assert auto_epochs(capped, 9375, 300000)[0] == 1
+    assert auto_epochs(capped, 31, 990)[0] == 5  # under the cap: as without it
     with pytest.raises(UserError, match="--budget-min-steps"):
         parse_config(FinetuneConfig, "", ["--budget-min-steps", "200"])
 

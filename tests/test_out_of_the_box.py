@@ -148,4 +148,8 @@ def test_a_new_users_convnext_tiny_trains(source, image_folder, tmp_path, offlin
     res = json.load(open(out / "results.json"))
     assert res["model"] == model[1] and res["optimizer_steps"] == 3
     meta = json.load(open(out / "best" / "model.json"))
-    assert meta["preprocessing"]["input_size"] == 224
+    # the model's 224 px at the 40-px images' side (--image-size auto): 128, the resize in
+    # the same ratio (torchvision's 236, timm's 256)
+    assert meta["preprocessing"]["input_size"] == res["image_size"] == 128
+    resize = 236 if source == "torch cache" else 256
+    assert meta["preprocessing"]["resize"] == 128 * resize // 224

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import launch, make_image_folder, run_script
 
 TINY = ["--model", "timm:test_resnet", "--batch-size", "4", "--num-workers", "0",
-        "--report-to", "none"]
+        "--report-to", "none", "--image-size", "160"]
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,7 @@ def test_lr_auto_trains_as_if_given_the_suggested_lr(image_folder, tiny_weights,
                                                      offline_env):
     # 30 steps: the tiny model's loss falls 26% in them (too little in 10 for a suggestion)
     base = ["--data-dir", image_folder, *TINY, "--weights", tiny_weights, "--epochs", "1",
-            "--find-lr-steps", "30", "--checkpointing-steps", "no"]
+            "--find-lr-steps", "30", "--checkpointing-steps", "no", "--image-size", "160"]
     auto = tmp_path / "auto"
     launch("train_finetune.py", [*base, "--lr", "auto", "--output-dir", auto], offline_env)
     res = json.load(open(auto / "results.json"))
@@ -250,7 +250,7 @@ def test_linear_probe_is_epoch_0_and_the_extractors_best_model(image_folder, tin
     common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
               "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
               "--feature-cache-dir", tmp_path / "cache", "--checkpointing-steps", "no",
-              "--extract-precision", "fp32"]
+              "--extract-precision", "fp32", "--image-size", "160"]  # one size for both
     launch("train_extractor.py", [*common, "--output-dir", tmp_path / "x"], offline_env)
     # the fine-tune's optimiser flags are its own: the probe keeps the extractor's
     proc = launch("train_finetune.py", [*common, "--epochs", "2", "--weight-decay", "0.5",
@@ -286,7 +286,7 @@ def test_epoch_0_takes_the_probes_metrics_which_are_the_models_on_the_images(
     common = ["--data-dir", image_folder, "--model", "timm:test_resnet", "--batch-size", "4",
               "--num-workers", "0", "--report-to", "none", "--weights", tiny_weights,
               "--extract-precision", "fp32", "--checkpointing-steps", "no",
-              "--feature-cache-dir", tmp_path / "cache"]
+              "--feature-cache-dir", tmp_path / "cache", "--image-size", "160"]
     proc = launch("train_finetune.py", [*common, "--epochs", "1", "--output-dir",
                                         tmp_path / "f"], offline_env)
     assert proc.stdout.count("val Loss") == 2  # one pass over the val images: epoch 1's

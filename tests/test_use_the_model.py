@@ -114,7 +114,7 @@ def test_bf16_features_report_the_exported_models_figures_and_epoch_0_is_the_ext
     data = make_image_folder(tmp_path / "data")
     args = ["--data-dir", data, "--model", "timm:test_resnet", "--weights", tiny_weights,
             "--batch-size", "4", "--num-workers", "0", "--report-to", "none",
-            "--extract-precision", "bf16"]
+            "--extract-precision", "bf16", "--image-size", "128"]  # one size for both
     ext, ft = tmp_path / "ext", tmp_path / "ft"
     launch("train_extractor.py", [*args, "--epochs", "3", "--output-dir", ext], offline_env)
     launch("train_finetune.py", [*args, "--epochs", "1", "--probe-epochs", "3",
