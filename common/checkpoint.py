@@ -224,7 +224,7 @@ def resolve_checkpoint(arg: str, output_dir: str) -> str:
         path = arg
     else:
         root = os.path.join(output_dir, CHECKPOINTS)
-        pointer = read_regular_file(root, "latest", max_size=64) if os.path.isdir(root) else None
+        pointer = read_regular_file(root, "latest", max_size=64)  # None: no folder, no file
         name = pointer.decode("utf-8", "replace").strip() if pointer else None
         if not name or not STEP_NAME.fullmatch(name) or \
                 not os.path.isfile(os.path.join(root, name, MANIFEST)):
@@ -267,6 +267,8 @@ def _refuse(path, rel, why, damaged=True):
 
 
 MANIFEST_MAX_BYTES = 16 << 20  # names and digests of a few dozen files: far below this
+
+
 def read_checkpoint(path: str, keep_best: bool = True) -> Checkpoint:
     """Read every file of a checkpoint once, check it against the manifest, parse it with a
     parser that cannot run code (JSON, safetensors, torch.load weights_only=True).

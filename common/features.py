@@ -49,7 +49,7 @@ from torch import nn
 from common import mmap_tensors
 from common.data import ImageDataset, train_order, training_transforms
 from common.errors import UserError
-from common.files import remove_stale_temporaries
+from common.files import STALE_AFTER, remove_stale_temporaries
 from common.folding import fold_batchnorm
 from common.imagecheck import identity_digest
 from common.images import decode_sizes
@@ -203,9 +203,6 @@ def _cache_dir(cfg):
     return cfg.feature_cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
         "transfer-learning", "features")
-
-
-STALE_AFTER = 600  # s: a temporary cache file untouched this long has no writer at work
 
 
 def _remove_stale_extractions(cache_dir: str) -> None:

@@ -180,6 +180,7 @@ def read_regular_file(path, rel, size=None, max_size=None):
         return fh.read(st.st_size)
 
 
+STALE_AFTER = 600  # s: a temporary file in a shared cache untouched this long has no writer
 TEMPORARY_PREFIXES = (".tmp-", ".export-", ".old-")  # what the writers here name their
 #                                                     temporary files and folders
 

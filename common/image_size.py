@@ -40,7 +40,8 @@ def _sides(source: dict) -> Optional[tuple]:
 
 def median_short_side(split: Any) -> Optional[float]:
     """The median shorter side of up to SAMPLE training images (headers only): rows spread
-    over a datasets.Dataset, the first ones of a stream (common/streaming.StreamSplit)."""
+    over a datasets.Dataset, the first ones of a stream (common/streaming.StreamSplit's
+    head: before its shuffle, whose buffer would read thousands of rows first)."""
     import itertools
 
     import datasets
@@ -50,7 +51,7 @@ def median_short_side(split: Any) -> Optional[float]:
         rows = range(0, len(raw), max(1, len(raw) // SAMPLE))
         sources = [raw[i]["image"] for i in rows][:SAMPLE]
     else:
-        sources = [row["image"] for row in itertools.islice(iter(split.stream), SAMPLE)]
+        sources = [row["image"] for row in itertools.islice(iter(split.head), SAMPLE)]
     sizes = [s for s in map(_sides, sources) if s]
     return statistics.median(min(s) for s in sizes) if sizes else None
 

@@ -28,7 +28,7 @@ import PIL.Image
 from accelerate.utils import gather_object
 
 from common.errors import UserError
-from common.files import read_regular_file, remove_stale_temporaries, write_json
+from common.files import STALE_AFTER, read_regular_file, remove_stale_temporaries, write_json
 from common.log import logger
 
 
@@ -101,10 +101,10 @@ def _read_verdicts(path: str, rows: int):
     """The cached [(row, file, reason)] at `path`, or None where there is none; a file that
     does not parse as verdicts for `rows` rows (cut short by a crash, written by something
     else) is ignored, with one warning, and checked again."""
-    if not os.path.exists(path):
-        return None
     raw = read_regular_file(os.path.dirname(path), os.path.basename(path),
                             max_size=256 << 20)
+    if raw is None:
+        return None
     try:
         doc = json.loads(raw.decode("utf-8"))
         bad = [tuple(b) for b in doc["bad"]]
@@ -139,7 +139,7 @@ def find_unreadable(split: datasets.Dataset, name: str, accelerator: Accelerator
     bad = sorted(tuple(b) for b in bad)
     if accelerator.is_local_main_process:  # synced before its rename: never empty after
         os.makedirs(_cache_dir(), exist_ok=True)  # a power loss
-        remove_stale_temporaries(_cache_dir(), time.time(), idle=600)
+        remove_stale_temporaries(_cache_dir(), time.time(), idle=STALE_AFTER)
         write_json(path, {"format": FORMAT, "rows": n, "bad": bad})
     if n >= 5000:
         logger.info(f"checked {n} {name} images in {time.time() - t0:.0f} s "

@@ -5,8 +5,8 @@ the pretrained layers while the head finds its feet, and distorts the features t
 them worth transferring. LP-FT first trains the head alone on the frozen backbone, to
 convergence, then fine-tunes every layer from there. Here the first stage is exactly what
 train_extractor.py does by default at the same --image-size (the same cached features, the
-same optimiser, schedule and data order), so it costs one forward pass over the data plus seconds, and the cache is
-shared with extractor runs of the same model and data. The fine-tune then evaluates the
+same optimiser, schedule and data order), so it costs one forward pass over the data plus
+seconds, and the cache is shared with extractor runs of the same model and data. The fine-tune then evaluates the
 probed model as epoch 0: it can only be kept or improved on.
 
 Every process computes the same probe from the same cached features (no data is sharded,

@@ -44,12 +44,15 @@ if TYPE_CHECKING:  # names for the type hints only
 
 class StreamSplit:
     """One split of a streamed dataset: the IterableDataset (columns image, label, index),
-    its size, class names, and label counts when a pass over the labels was made."""
+    its size, class names, and label counts when a pass over the labels was made. `head`:
+    the stream before its shuffle, to look at its first rows (image sizes) without filling
+    the shuffle buffer."""
 
     def __init__(self, stream, size, label_index, counts, name="train", flag="--dataset",
-                 num_classes=0):
+                 num_classes=0, head=None):
         self.stream, self.size, self.label_index, self.counts = stream, size, label_index, counts
         self.name, self.flag, self.num_classes = name, flag, num_classes
+        self.head = stream if head is None else head
 
     def __len__(self):
         return self.size
@@ -119,13 +122,13 @@ def load_streaming(cfg: TrainConfig, name: str, val_names: tuple) -> tuple:
             size = sum((counts if key == "train" else val_counts).values())
         elif size is None:  # the card does not say: count (labels only, no image is read)
             size = sum(_label_pass(ds).values())
-        ds = ds.cast_column("image", datasets.Image(decode=False))
+        ds = head = ds.cast_column("image", datasets.Image(decode=False))
         if key == "train":
             ds = ds.map(lambda ex, i: {"index": i}, with_indices=True)
             ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
         out.append(StreamSplit(ds, size, None if isinstance(feature, datasets.ClassLabel)
                                else index, counts if key == "train" else None,
-                               name=split, flag=flag, num_classes=len(classes)))
+                               name=split, flag=flag, num_classes=len(classes), head=head))
     logger.info(f"--dataset {name} --streaming: {out[0].size} train / {out[1].size} "
                 f"'{val_name}' images, {len(classes)} classes")
     return out[0], out[1], classes
